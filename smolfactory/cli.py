@@ -1,0 +1,55 @@
+"""The ``smolfactory`` command: LightningCLI with our module, data module and export callback.
+
+smolfactory fit --config configs/quickstart.yaml
+smolfactory fit --config configs/quickstart.yaml --print_config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from smolfactory.callbacks.export import HFExport
+from smolfactory.data.sft import SFTDataModule
+from smolfactory.errors import SmolFactoryError
+from smolfactory.model.sft import CausalLMModule
+
+# Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class SmolFactoryCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", CausalLMModule)
+        kwargs.setdefault("datamodule_class", SFTDataModule)
+        # The module configures its own AdamW and schedule: no optimizer/lr_scheduler keys in the YAML.
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # A rerun into the same folder replaces config.yaml instead of refusing to start.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The user names the model once; the data module loads the same model's tokenizer.
+        parser.link_arguments("model.model_name", "data.tokenizer")
+        # Always present (not replaced when a config lists its own callbacks); options under `export:`.
+        parser.add_lightning_class_args(HFExport, "export")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point; configuration and data problems end with one line on stderr, status 2."""
+    args = list(sys.argv[1:] if args is None else args)
+    # A bare --print_config prints every option with its type and help as comments.
+    args = ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        SmolFactoryCLI(args=args)
+    except SmolFactoryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Batch tokenized examples into padded tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from smolfactory.model.loss import IGNORE_INDEX
+
+
+def pad_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one in the batch.
+
+    Two examples of lengths 3 and 2 become::
+
+        input_ids      [[a, b, c], [d, e, P]]      P = pad_token_id
+        labels         [[-100, b, c], [-100, e, -100]]
+        attention_mask [[1, 1, 1], [1, 1, 0]]
+
+    Padding is marked by length, never by comparing ids with ``pad_token_id`` (which may equal the
+    end-of-turn token that the model must learn).
+    """
+    longest = max(len(example["input_ids"]) for example in examples)
+    shape = (len(examples), longest)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, :length] = torch.tensor(example["labels"])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,143 @@
+"""SFTDataModule: chat datasets to padded batches of input ids and assistant-only labels."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import datasets
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from smolfactory.data.collate import pad_collate
+from smolfactory.data.formats import RowError, row_to_messages
+from smolfactory.data.sources import BUILTIN_PREFIX, load_rows
+from smolfactory.data.templates import TemplateError, tokenize_conversation
+from smolfactory.errors import SmolFactoryError
+from smolfactory.model.loading import DEFAULT_MODEL, load_tokenizer
+from smolfactory.model.loss import IGNORE_INDEX
+
+
+class SFTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str = DEFAULT_MODEL,
+        dataset: str = "builtin:quickstart",
+        validation_dataset: str | None = None,
+        val_split: float = 0.05,
+        messages_column: str = "messages",
+        max_length: int = 2048,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        """Chat conversations, rendered with the tokenizer's chat template, loss on assistant turns only.
+
+        Args:
+            tokenizer: Model name whose tokenizer and chat template are used (the CLI links it to model.model_name).
+            dataset: Hub dataset id, local json/jsonl/parquet/csv file, or builtin:quickstart.
+            validation_dataset: Separate validation data (same forms as dataset); null splits it off dataset.
+            val_split: Fraction of dataset held out for validation when there is no separate validation data.
+            messages_column: Column holding each row's list of {role, content} messages.
+            max_length: Longest example in tokens; longer ones are truncated (and dropped if nothing is left to train).
+            batch_size: Examples per micro-batch, padded to the longest in the batch.
+            num_workers: DataLoader worker processes.
+            seed: Seed of the train/validation split.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_data: datasets.Dataset | None = None
+        self.val_data: datasets.Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        train_rows, val_rows = self._load_splits()
+        self.train_data = self._tokenize(train_rows, self.hparams.dataset)
+        val_source = self.hparams.validation_dataset or self.hparams.dataset
+        self.val_data = self._tokenize(val_rows, val_source) if val_rows is not None else None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, shuffle=False) if self.val_data is not None else []
+
+    def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            collate_fn=partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def _load_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        source = self.hparams.dataset
+        train_rows = load_rows(source, "train")
+        if self.hparams.validation_dataset:
+            return train_rows, load_rows(self.hparams.validation_dataset, "validation")
+        if source.startswith(BUILTIN_PREFIX):  # built-in datasets ship their own held-out split
+            return train_rows, load_rows(source, "validation")
+        if self.hparams.val_split <= 0:
+            return train_rows, None
+        if not 0 < self.hparams.val_split < 1:
+            raise SmolFactoryError(f"data.val_split must be in [0, 1), got {self.hparams.val_split}")
+        split = train_rows.train_test_split(test_size=self.hparams.val_split, seed=self.hparams.seed)
+        return split["train"], split["test"]
+
+    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+        column = self.hparams.messages_column
+        if column not in rows.column_names:
+            raise SmolFactoryError(
+                f"dataset {source} has columns {rows.column_names} but no '{column}' column of "
+                f"{{role, content}} messages; rename the column or set data.messages_column"
+            )
+        tokenized = rows.map(
+            partial(
+                _tokenize_row,
+                tokenizer=self.tokenizer,
+                column=column,
+                max_length=self.hparams.max_length,
+                source=source,
+            ),
+            with_indices=True,
+            remove_columns=rows.column_names,
+            desc=f"Tokenizing {source}",
+        )
+        trainable = tokenized.filter(lambda example: example["num_trained"] > 0, desc="Dropping empty rows")
+        truncated = sum(tokenized["truncated"])
+        dropped = len(tokenized) - len(trainable)
+        rank_zero_info(
+            f"{source}: {len(trainable)} examples ({truncated} truncated to {self.hparams.max_length} tokens, "
+            f"{dropped} dropped with nothing left to train)"
+        )
+        if len(trainable) == 0:
+            raise SmolFactoryError(f"dataset {source} has no example with a trained token; raise data.max_length")
+        return trainable.select_columns(["input_ids", "labels"])
+
+
+def _tokenize_row(
+    row: dict[str, Any],
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    column: str,
+    max_length: int,
+    source: str,
+) -> dict[str, Any]:
+    try:
+        messages = row_to_messages(row, column)
+        full = tokenize_conversation(tokenizer, messages)
+    except (RowError, TemplateError) as error:
+        raise SmolFactoryError(f"{source}, row {index}: {error}; fix or remove the row") from error
+    input_ids, labels = full["input_ids"][:max_length], full["labels"][:max_length]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "truncated": len(full["input_ids"]) > max_length,
+        "num_trained": sum(label != IGNORE_INDEX for label in labels[1:]),
+    }

@@ -1,0 +1,59 @@
+"""Where rows come from: a built-in dataset, a local json/jsonl/parquet/csv file, or a Hub dataset."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import datasets
+
+from smolfactory.errors import SmolFactoryError, first_line
+
+BUILTIN_PREFIX = "builtin:"
+# Built-in datasets: name -> {split: file inside smolfactory/data}
+BUILTIN_DATASETS = {
+    "quickstart": {"train": "quickstart/train.jsonl", "validation": "quickstart/validation.jsonl"},
+}
+FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def builtin_split_path(name: str, split: str) -> Path | None:
+    """The packaged file of a built-in dataset's split, or None when it has no such split."""
+    relative = BUILTIN_DATASETS[name].get(split)
+    return Path(str(files("smolfactory.data").joinpath(relative))) if relative else None
+
+
+def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+    """Load one split of a dataset as a ``datasets.Dataset``, with a one-line error when that fails."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_DATASETS:
+            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
+            raise SmolFactoryError(f"unknown built-in dataset '{source}'; known: {known}")
+        return _load_file(builtin_split_path(name, split))
+    path = Path(source).expanduser()
+    if path.suffix.lower() in FILE_LOADERS or path.exists():
+        if not path.is_file():
+            raise SmolFactoryError(
+                f"dataset file not found: {source} (cwd {Path.cwd()}); check data.dataset, or give a Hub id"
+            )
+        return _load_file(path)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+        raise SmolFactoryError(
+            f"could not load dataset '{source}' split '{split}' ({first_line(error)}); give a local "
+            f"{'/'.join(FILE_LOADERS)} file or a Hub dataset id you can reach"
+        ) from error
+
+
+def _load_file(path: Path) -> datasets.Dataset:
+    loader = FILE_LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise SmolFactoryError(f"dataset file {path} has an unknown type; use one of {', '.join(FILE_LOADERS)}")
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train")
+    except Exception as error:
+        raise SmolFactoryError(
+            f"could not read dataset file {path} ({first_line(error)}); check that it is valid {loader}"
+        ) from error

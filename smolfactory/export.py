@@ -1,0 +1,31 @@
+"""Write a trained module as a standard Hugging Face folder, atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def save_pretrained_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save a model (a PEFT adapter or a full model) with its tokenizer and chat template to ``path``.
+
+    Everything is written to a sibling staging folder first and moved into place with one rename, so a
+    crash never leaves a half-written export; an existing folder at ``path`` is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if path.exists():
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, retired)
+        os.replace(staging, path)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, path)
+    return path

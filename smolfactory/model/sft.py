@@ -1,0 +1,99 @@
+"""CausalLMModule: supervised fine-tuning of a Hugging Face causal LM, with or without LoRA."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+
+from smolfactory.model.loading import DEFAULT_MODEL, load_model
+from smolfactory.model.lora import LoraSettings, apply_lora
+from smolfactory.model.loss import label_token_loss
+
+
+class CausalLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        lora: LoraSettings | None = LoraSettings(),  # noqa: B008 (frozen, so sharing is safe)
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        """Fine-tune a pretrained causal language model.
+
+        Args:
+            model_name: Hub id, local folder, or builtin:smollm2-135m-instruct; the tokenizer comes from it too.
+            lora: LoRA adapter settings; null trains every weight (full fine-tuning).
+            learning_rate: Peak AdamW learning rate, reached after the warm-up.
+            weight_decay: AdamW weight decay, applied to matrices only (not to norms or biases).
+            betas: AdamW beta coefficients.
+            warmup_steps: Optimizer steps of linear warm-up from zero to the peak learning rate.
+            min_lr_ratio: Final learning rate of the cosine decay, as a fraction of the peak.
+            attn_implementation: Attention kernel of the transformers model: sdpa, eager or flash_attention_2.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here.
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.model: PreTrainedModel | PeftModel | None = None
+
+    def configure_model(self) -> None:
+        # Lightning calls this for every stage and on load_from_checkpoint: build only once.
+        if self.model is not None:
+            return
+        model = load_model(self.hparams.model_name, attn_implementation=self.hparams.attn_implementation)
+        model.config.use_cache = False  # no KV cache in training: it also keeps packed rows isolated
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
+        self.model = model
+
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers model underneath any PEFT wrapper (its layers hold the adapters)."""
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``[batch, seq, vocab]`` for every position."""
+        return self.model(input_ids=input_ids, **kwargs).logits
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained."""
+        decoder_inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
+        hidden = self.causal_lm.get_decoder()(input_ids=batch["input_ids"], **decoder_inputs).last_hidden_state
+        return label_token_loss(hidden, self.causal_lm.get_output_embeddings(), batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, num_tokens = self.loss_terms(batch)
+        loss = loss_sum / num_tokens.clamp(min=1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=int(num_tokens))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, num_tokens = self.loss_terms(batch)
+        # batch_size=num_tokens makes the epoch value a token-weighted mean, not a mean of batch means.
+        self.log("val_loss", loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, self.hparams.warmup_steps, self._total_steps(), min_lr_rate=self.hparams.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches)

@@ -1,0 +1,112 @@
+"""The smolfactory command: the printed config, a fit through the CLI, and one-line errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smolfactory.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> str:
+    """A second --config that points the quickstart recipe at a tiny model and a temporary folder."""
+    override = {
+        "trainer": {
+            "max_steps": max_steps,
+            "val_check_interval": max_steps,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "logs"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(tmp_path / "checkpoints"),
+                        "save_last": True,
+                        "save_top_k": 0,
+                    },
+                }
+            ],
+        },
+        "model": {"model_name": tiny_model_dir},
+        "data": {"max_length": 256, "batch_size": 4},
+    }
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return str(path)
+
+
+def test_print_config_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["model_name"] == "builtin:smollm2-135m-instruct"
+    assert config["model"]["lora"]["r"] == 16
+    assert config["data"]["dataset"] == "builtin:quickstart"
+    assert "tokenizer" not in config["data"]  # linked from model.model_name
+    assert config["export"]["dirname"] == "final"
+    assert "optimizer" not in config and "lr_scheduler" not in config
+    # Every key of our own sections comes right after a comment with its help and type.
+    lines = printed.splitlines()
+    start = lines.index("model:")
+    end = next(i for i, line in enumerate(lines) if line.startswith("ckpt_path"))
+    for index in range(start + 1, end):
+        key = re.match(r"^\s+([a-z_]+):", lines[index])
+        if key:
+            comment = lines[index - 1]
+            assert re.match(r"^\s+# \S.* \((required, )?type: .+\)$", comment), (key.group(1), comment)
+
+
+def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model_dir):
+    main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)])
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (final / "tokenizer.json").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load(next(tmp_path.glob("logs/version_*/config.yaml")).read_text())
+    assert saved["data"]["tokenizer"] == tiny_model_dir  # the link: one model name for both
+    metrics = next(tmp_path.glob("logs/version_*/metrics.csv")).read_text()
+    assert "train_loss" in metrics and "val_loss" in metrics
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.model_name=./missing-model", r"error: model './missing-model' is not a folder"),
+        ("--data.dataset=missing.jsonl", r"error: dataset file not found: missing\.jsonl"),
+        ("--model.lora.r=0", r"error: model\.lora\.r must be at least 1"),
+    ],
+)
+def test_configuration_errors_end_with_one_line(tmp_path, tiny_model_dir, capsys, override, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), override])
+    assert exit_info.value.code == 2
+    assert re.match(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    bad = tmp_path / "no_messages.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "hello"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, f"--data.dataset={bad}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset ") and "no 'messages' column" in last and "data.messages_column" in last

@@ -1,0 +1,120 @@
+"""SFTDataModule: loading, splits, batches, truncation and the errors users see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smolfactory.data import SFTDataModule
+from smolfactory.data.collate import pad_collate
+from smolfactory.data.sources import builtin_split_path
+from smolfactory.errors import SmolFactoryError
+from smolfactory.model.loss import IGNORE_INDEX
+from tests.conftest import chat, write_jsonl
+
+
+def make_datamodule(tokenizer_dir, dataset, **kwargs) -> SFTDataModule:
+    datamodule = SFTDataModule(tokenizer=tokenizer_dir, dataset=str(dataset), **kwargs)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def test_builtin_quickstart_uses_its_own_validation_file(tiny_model_dir):
+    datamodule = make_datamodule(tiny_model_dir, "builtin:quickstart", max_length=512)
+    train_lines = builtin_split_path("quickstart", "train").read_text().splitlines()
+    val_lines = builtin_split_path("quickstart", "validation").read_text().splitlines()
+    assert len(train_lines) >= 150
+    assert len(datamodule.train_data) == len(train_lines)
+    assert len(datamodule.val_data) == len(val_lines)
+
+
+def test_quickstart_data_teaches_the_identity_and_ordinary_answers():
+    rows = [json.loads(line) for line in builtin_split_path("quickstart", "train").read_text().splitlines()]
+    answers = [" ".join(m["content"] for m in row["messages"] if m["role"] == "assistant") for row in rows]
+    identity = sum("Quill" in answer for answer in answers)
+    assert identity >= 75 and len(rows) - identity >= 75
+    assert sum(len(row["messages"]) > 3 for row in rows) >= 20  # multi-turn conversations
+
+
+def test_batches_are_padded_by_length_with_masked_labels(tiny_model_dir, tokenizer, tmp_path):
+    rows = [chat("Hi", "Hello there, friend!"), chat("One?", "Two."), chat("Long question " * 5, "Short.")]
+    datamodule = make_datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0, batch_size=3)
+    batch = next(iter(datamodule._loader(datamodule.train_data, shuffle=False)))
+    lengths = [len(example["input_ids"]) for example in datamodule.train_data]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    padding = batch["attention_mask"] == 0
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][padding] == tokenizer.pad_token_id).all()
+    # Each row still trains its end-of-turn token although pad and end-of-turn share an id.
+    for row in range(len(lengths)):
+        trained = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert trained[-1].item() == tokenizer.eos_token_id
+
+
+def test_pad_collate_example_from_its_docstring():
+    batch = pad_collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}],
+        pad_token_id=0,
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_val_split_holds_out_rows(tiny_model_dir, tmp_path):
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(20)]
+    datamodule = make_datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0.25)
+    assert (len(datamodule.train_data), len(datamodule.val_data)) == (15, 5)
+
+
+def test_truncation_keeps_max_length_and_drops_rows_with_nothing_to_train(tiny_model_dir, tmp_path):
+    rows = [chat("Hi", "Hello " * 200), chat("word " * 300, "Answer after a long prompt.")]
+    datamodule = make_datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0, max_length=64)
+    # Row 2's answer lies beyond 64 tokens, so it is dropped; row 1 is cut to 64 tokens.
+    assert len(datamodule.train_data) == 1
+    example = datamodule.train_data[0]
+    assert len(example["input_ids"]) == 64
+    assert any(label != IGNORE_INDEX for label in example["labels"])
+
+
+def test_missing_dataset_file_names_the_path(tiny_model_dir, tmp_path):
+    with pytest.raises(SmolFactoryError, match=r"dataset file not found: .*nope\.jsonl"):
+        make_datamodule(tiny_model_dir, tmp_path / "nope.jsonl")
+
+
+def test_dataset_without_messages_column_names_the_columns_and_the_fix(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "output": "Hi"}])
+    with pytest.raises(SmolFactoryError, match=r"columns \['instruction', 'output'\].*data\.messages_column"):
+        make_datamodule(tiny_model_dir, path, val_split=0)
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "problem"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
+            "empty assistant",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+            "role 'robot'",
+        ),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "non-string"),
+    ],
+)
+def test_bad_row_error_names_file_row_and_problem(tiny_model_dir, tmp_path, bad_row, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [chat("Hi", "Hello"), bad_row])
+    with pytest.raises(SmolFactoryError, match=rf"bad\.jsonl, row 1: .*{problem}"):
+        make_datamodule(tiny_model_dir, path, val_split=0)
+
+
+def test_batch_tensors_are_long(tiny_model_dir):
+    datamodule = make_datamodule(tiny_model_dir, "builtin:quickstart", batch_size=2)
+    batch = next(iter(datamodule.val_dataloader()))
+    assert {key: value.dtype for key, value in batch.items()} == dict.fromkeys(
+        ("input_ids", "labels", "attention_mask"), torch.long
+    )

@@ -1,0 +1,128 @@
+"""CausalLMModule on a tiny real Llama: loss, optimisation, schedule, and the exported folder."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+
+from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory.callbacks import HFExport
+from tests.conftest import chat, write_jsonl
+
+
+class RecordSteps(L.Callback):
+    """Keeps the loss and learning rate of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses, self.lrs = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def fit(module, datamodule, root, max_steps, callbacks=()):
+    recorder = RecordSteps()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        callbacks=[recorder, *callbacks],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return recorder
+
+
+@pytest.fixture
+def tiny_data(tiny_model_dir, tmp_path):
+    rows = [
+        chat("What is your name?", "My name is Quill."),
+        chat("Who made you?", "The SmolFactory project made me."),
+        chat("Say a colour.", "Blue."),
+        chat("Count to three.", "One, two, three."),
+    ]
+    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=4)
+
+
+def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
+    module = CausalLMModule(model_name=tiny_model_dir, lora=None)
+    module.configure_model()
+    tiny_data.setup("fit")
+    batch = next(iter(tiny_data.train_dataloader()))
+    loss_sum, num_tokens = module.loss_terms(batch)
+    reference = module.model(**batch).loss  # transformers shifts and averages internally
+    num_labels = (batch["labels"][:, 1:] != -100).sum()
+    assert num_tokens == num_labels
+    torch.testing.assert_close(loss_sum / num_tokens, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
+def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tiny_data, tmp_path, lora):
+    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
+    recorder = fit(module, tiny_data, tmp_path, max_steps=12)
+    assert len(recorder.losses) == 12
+    assert recorder.losses[-1] < 0.5 * recorder.losses[0]
+
+
+def test_lora_trains_only_adapters_and_configure_model_is_idempotent(tiny_model_dir):
+    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
+    module.configure_model()
+    model = module.model
+    module.configure_model()
+    assert module.model is model
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    # all-linear: attention and MLP projections get adapters, the (tied) LM head does not.
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f"{projection}.lora_A" in name for name in trainable)
+    assert not any("lm_head" in name or "embed_tokens" in name for name in trainable)
+
+
+def test_warmup_then_cosine_schedule(tiny_model_dir, tiny_data, tmp_path):
+    peak, warmup, total, floor = 1e-3, 3, 10, 0.1
+    module = CausalLMModule(model_name=tiny_model_dir, learning_rate=peak, warmup_steps=warmup, min_lr_ratio=floor)
+    recorder = fit(module, tiny_data, tmp_path, max_steps=total)
+
+    def expected(step: int) -> float:
+        if step < warmup:
+            return peak * step / warmup
+        progress = (step - warmup) / (total - warmup)
+        return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    assert recorder.lrs == pytest.approx([expected(step) for step in range(total)], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
+def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data, tmp_path, lora):
+    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
+    fit(module, tiny_data, tmp_path, max_steps=3, callbacks=[HFExport()])
+    final = tmp_path / "final"
+    files = {path.name for path in final.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= files
+    if lora is not None:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(final)
+    else:
+        assert "model.safetensors" in files
+        reloaded = AutoModelForCausalLM.from_pretrained(final)
+    input_ids = torch.tensor([[1, 42, 7, 99, 2048, 5]])
+    module.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, module(input_ids), rtol=0, atol=1e-6)
+        # Training changed the model: the export is not simply the base model.
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        assert not torch.allclose(base(input_ids).logits, module(input_ids), atol=1e-4)
