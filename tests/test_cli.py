@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smolfactory.cli import main
+from smolfactory.cli import SmolFactoryCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -22,6 +22,7 @@ def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> s
         "trainer": {
             "max_steps": max_steps,
             "val_check_interval": max_steps,
+            "log_every_n_steps": 1,
             "default_root_dir": str(tmp_path),
             "enable_progress_bar": False,
             "logger": {
@@ -77,9 +78,15 @@ def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model
     assert (final / "tokenizer.json").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     saved = yaml.safe_load(next(tmp_path.glob("logs/version_*/config.yaml")).read_text())
-    assert saved["data"]["tokenizer"] == tiny_model_dir  # the link: one model name for both
+    assert saved["model"]["model_name"] == tiny_model_dir
     metrics = next(tmp_path.glob("logs/version_*/metrics.csv")).read_text()
     assert "train_loss" in metrics and "val_loss" in metrics
+
+
+def test_model_name_also_chooses_the_tokenizer(tmp_path, tiny_model_dir):
+    cli = SmolFactoryCLI(args=["--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)], run=False)
+    assert cli.model.hparams.model_name == tiny_model_dir
+    assert cli.datamodule.hparams.tokenizer == tiny_model_dir
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,9 @@ def test_batch_tensors_are_long(tiny_model_dir):
     assert {key: value.dtype for key, value in batch.items()} == dict.fromkeys(
         ("input_ids", "labels", "attention_mask"), torch.long
     )
+
+
+def test_too_few_rows_for_a_validation_split_says_what_to_set(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [chat("Hi", "Hello")])
+    with pytest.raises(SmolFactoryError, match=r"has 1 rows, too few .* set data\.val_split: 0"):
+        make_datamodule(tiny_model_dir, path, val_split=0.1)

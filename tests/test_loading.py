@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
 from smolfactory.errors import SmolFactoryError
@@ -42,7 +43,8 @@ def test_wrong_model_names_say_what_to_use(name, message):
 
 
 def test_unreachable_hub_id_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Offline mode fails at once instead of retrying connections (huggingface_hub reads the env var on import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SmolFactoryError, match=r"could not load model 'nobody/no-such-model' .*builtin:"):
         load_tokenizer("nobody/no-such-model")
     with pytest.raises(SmolFactoryError, match=r"could not load model 'nobody/no-such-model'"):

@@ -72,9 +72,9 @@ def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tiny_data, tmp_path, lora):
     module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
-    recorder = fit(module, tiny_data, tmp_path, max_steps=12)
-    assert len(recorder.losses) == 12
-    assert recorder.losses[-1] < 0.5 * recorder.losses[0]
+    recorder = fit(module, tiny_data, tmp_path, max_steps=20)
+    assert len(recorder.losses) == 20
+    assert recorder.losses[-1] < 0.6 * recorder.losses[0]
 
 
 def test_lora_trains_only_adapters_and_configure_model_is_idempotent(tiny_model_dir):

@@ -55,8 +55,8 @@ class SFTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         train_rows, val_rows = self._load_splits()
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         self.train_data = self._tokenize(train_rows, self.hparams.dataset)
         val_source = self.hparams.validation_dataset or self.hparams.dataset
         self.val_data = self._tokenize(val_rows, val_source) if val_rows is not None else None
@@ -77,31 +77,40 @@ class SFTDataModule(L.LightningDataModule):
         )
 
     def _load_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-        source = self.hparams.dataset
-        train_rows = load_rows(source, "train")
+        source, val_split = self.hparams.dataset, self.hparams.val_split
+        train_rows = self._check_columns(load_rows(source, "train"), source)
         if self.hparams.validation_dataset:
-            return train_rows, load_rows(self.hparams.validation_dataset, "validation")
+            validation = self.hparams.validation_dataset
+            return train_rows, self._check_columns(load_rows(validation, "validation"), validation)
         if source.startswith(BUILTIN_PREFIX):  # built-in datasets ship their own held-out split
             return train_rows, load_rows(source, "validation")
-        if self.hparams.val_split <= 0:
+        if val_split == 0:
             return train_rows, None
-        if not 0 < self.hparams.val_split < 1:
-            raise SmolFactoryError(f"data.val_split must be in [0, 1), got {self.hparams.val_split}")
-        split = train_rows.train_test_split(test_size=self.hparams.val_split, seed=self.hparams.seed)
+        if not 0 < val_split < 1:
+            raise SmolFactoryError(f"data.val_split must be in [0, 1), got {val_split}")
+        if len(train_rows) < 2 or round(len(train_rows) * val_split) >= len(train_rows):
+            raise SmolFactoryError(
+                f"dataset {source} has {len(train_rows)} rows, too few to hold out data.val_split={val_split}; "
+                "set data.val_split: 0 or give data.validation_dataset"
+            )
+        split = train_rows.train_test_split(test_size=val_split, seed=self.hparams.seed)
         return split["train"], split["test"]
 
-    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+    def _check_columns(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
         column = self.hparams.messages_column
         if column not in rows.column_names:
             raise SmolFactoryError(
                 f"dataset {source} has columns {rows.column_names} but no '{column}' column of "
                 f"{{role, content}} messages; rename the column or set data.messages_column"
             )
+        return rows
+
+    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
         tokenized = rows.map(
             partial(
                 _tokenize_row,
                 tokenizer=self.tokenizer,
-                column=column,
+                column=self.hparams.messages_column,
                 max_length=self.hparams.max_length,
                 source=source,
             ),

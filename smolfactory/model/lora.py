@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from smolfactory.errors import SmolFactoryError
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -21,9 +23,8 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"
     """Layers that get adapters: 'all-linear' (every linear layer but the LM head) or a list of module names."""
 
-    def __post_init__(self) -> None:
-        from smolfactory.errors import SmolFactoryError
-
+    def check(self) -> None:
+        """Raise a one-line error for values peft would reject later, deep inside model building."""
         if self.r < 1:
             raise SmolFactoryError(f"model.lora.r must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

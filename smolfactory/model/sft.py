@@ -40,6 +40,8 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters()
         # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here.
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        if self.lora is not None:
+            self.lora.check()
         self.model: PreTrainedModel | PeftModel | None = None
 
     def configure_model(self) -> None:
