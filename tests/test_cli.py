@@ -82,6 +82,15 @@ def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model
     metrics = next(tmp_path.glob("logs/version_*/metrics.csv")).read_text()
     assert "train_loss" in metrics and "val_loss" in metrics
 
+    # The checkpoint restores into a freshly built module: validate and test report the held-out loss.
+    overrides = tiny_overrides(tmp_path, tiny_model_dir)
+    checkpoint = str(tmp_path / "checkpoints" / "last.ckpt")
+    for subcommand, key in (("validate", "val_loss"), ("test", "test_loss")):
+        cli = SmolFactoryCLI(
+            args=[subcommand, "--config", QUICKSTART, "--config", overrides, "--ckpt_path", checkpoint]
+        )
+        assert cli.trainer.callback_metrics[key] > 0
+
 
 def test_model_name_also_chooses_the_tokenizer(tmp_path, tiny_model_dir):
     cli = SmolFactoryCLI(args=["--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)], run=False)

@@ -67,6 +67,10 @@ class SFTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, shuffle=False) if self.val_data is not None else []
 
+    def test_dataloader(self) -> DataLoader:
+        """The validation data: `smolfactory test` reports the held-out loss of a checkpoint."""
+        return self.val_dataloader()
+
     def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             data,

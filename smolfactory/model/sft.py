@@ -50,6 +50,7 @@ class CausalLMModule(L.LightningModule):
             return
         model = load_model(self.hparams.model_name, attn_implementation=self.hparams.attn_implementation)
         model.config.use_cache = False  # no KV cache in training: it also keeps packed rows isolated
+        model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         if self.lora is not None:
             model = apply_lora(model, self.lora)
         self.model = model
@@ -76,9 +77,15 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._log_eval_loss("val_loss", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._log_eval_loss("test_loss", batch)
+
+    def _log_eval_loss(self, name: str, batch: dict[str, torch.Tensor]) -> None:
         loss_sum, num_tokens = self.loss_terms(batch)
         # batch_size=num_tokens makes the epoch value a token-weighted mean, not a mean of batch means.
-        self.log("val_loss", loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
+        self.log(name, loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
 
     def configure_optimizers(self):
         decay, no_decay = [], []
