@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from smolfactory.data import SFTDataModule
+from smolfactory.data import SFTDataModule, sft
 from smolfactory.data.collate import pad_collate
 from smolfactory.data.sources import builtin_split_path
 from smolfactory.errors import SmolFactoryError
@@ -104,23 +103,41 @@ def test_dataset_without_messages_column_names_the_columns_and_the_fix(tiny_mode
             "role 'robot'",
         ),
         ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "non-string"),
+        (
+            {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+            "starts with an assistant",
+        ),
     ],
 )
 def test_bad_row_error_names_file_row_and_problem(tiny_model_dir, tmp_path, bad_row, problem):
-    path = write_jsonl(tmp_path / "bad.jsonl", [chat("Hi", "Hello"), bad_row])
-    with pytest.raises(SmolFactoryError, match=rf"bad\.jsonl, row 1: .*{problem}"):
-        make_datamodule(tiny_model_dir, path, val_split=0)
+    rows = [chat(f"Q{i}", f"A{i}") for i in range(6)] + [bad_row] + [chat("Hi", "Hello")]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    # Row numbers are those of the file (line 7), also when a validation split is carved out.
+    with pytest.raises(SmolFactoryError, match=rf"bad\.jsonl, row 7: .*{problem}"):
+        make_datamodule(tiny_model_dir, path, val_split=0.25)
 
 
-def test_batch_tensors_are_long(tiny_model_dir):
-    datamodule = make_datamodule(tiny_model_dir, "builtin:quickstart", batch_size=2)
-    batch = next(iter(datamodule.val_dataloader()))
-    assert {key: value.dtype for key, value in batch.items()} == dict.fromkeys(
-        ("input_ids", "labels", "attention_mask"), torch.long
-    )
+def test_tokenization_cache_follows_the_masking_code(tiny_model_dir, tmp_path, monkeypatch):
+    """A change to the pipeline's code must never reuse labels cached by the old code."""
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("Hi", "Hello there")])
+    first = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
+    second = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
+    assert second == first  # same code, same data: same examples (from the cache)
+    monkeypatch.setattr(sft, "_PIPELINE_SOURCE", sft._PIPELINE_SOURCE + "# changed")
+    monkeypatch.setattr(sft, "tokenize_conversation", lambda tok, messages: {"input_ids": [1, 2], "labels": [1, 2]})
+    assert make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]["input_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"val_split": 1.0}, r"data\.val_split must be in \[0, 1\)"), ({"batch_size": 0}, r"data\.batch_size >= 1")],
+)
+def test_bad_settings_fail_when_the_module_is_built(kwargs, message):
+    with pytest.raises(SmolFactoryError, match=message):
+        SFTDataModule(dataset="builtin:quickstart", **kwargs)
 
 
 def test_too_few_rows_for_a_validation_split_says_what_to_set(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat("Hi", "Hello")])
-    with pytest.raises(SmolFactoryError, match=r"has 1 rows, too few .* set data\.val_split: 0"):
+    with pytest.raises(SmolFactoryError, match=r"has 1 usable rows, too few .* set data\.val_split: 0"):
         make_datamodule(tiny_model_dir, path, val_split=0.1)

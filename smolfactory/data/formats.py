@@ -30,4 +30,7 @@ def row_to_messages(row: dict[str, Any], column: str = "messages") -> list[dict[
         conversation.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in conversation):
         raise RowError("the conversation has no assistant turn to train on")
+    first = next(m for m in conversation if m["role"] != "system")
+    if first["role"] != "user":
+        raise RowError("the conversation starts with an assistant turn; it must open with a user turn")
     return conversation

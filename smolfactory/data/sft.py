@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from functools import partial
 from typing import Any
 
 import datasets
 import lightning as L
+from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from smolfactory.data import formats, templates
 from smolfactory.data.collate import pad_collate
 from smolfactory.data.formats import RowError, row_to_messages
-from smolfactory.data.sources import BUILTIN_PREFIX, load_rows
+from smolfactory.data.sources import load_rows
 from smolfactory.data.templates import TemplateError, tokenize_conversation
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.loading import DEFAULT_MODEL, load_tokenizer
+from smolfactory.model.loading import BUILTIN_PREFIX, DEFAULT_MODEL, load_tokenizer
 from smolfactory.model.loss import IGNORE_INDEX
 
 
 class SFTDataModule(L.LightningDataModule):
+    """Chat datasets to padded batches of input ids and assistant-only labels."""
+
     def __init__(
         self,
         tokenizer: str = DEFAULT_MODEL,
@@ -39,7 +45,7 @@ class SFTDataModule(L.LightningDataModule):
             tokenizer: Model name whose tokenizer and chat template are used (the CLI links it to model.model_name).
             dataset: Hub dataset id, local json/jsonl/parquet/csv file, or builtin:quickstart.
             validation_dataset: Separate validation data (same forms as dataset); null splits it off dataset.
-            val_split: Fraction of dataset held out for validation when there is no separate validation data.
+            val_split: Fraction of dataset held out for validation (unused with validation_dataset or builtin data).
             messages_column: Column holding each row's list of {role, content} messages.
             max_length: Longest example in tokens; longer ones are truncated (and dropped if nothing is left to train).
             batch_size: Examples per micro-batch, padded to the longest in the batch.
@@ -47,6 +53,12 @@ class SFTDataModule(L.LightningDataModule):
             seed: Seed of the train/validation split.
         """
         super().__init__()
+        if not 0 <= val_split < 1:
+            raise SmolFactoryError(f"data.val_split must be in [0, 1), got {val_split}")
+        if max_length < 2 or batch_size < 1:
+            raise SmolFactoryError(
+                f"data.max_length must be >= 2 and data.batch_size >= 1, got {max_length}, {batch_size}"
+            )
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | None = None
@@ -55,11 +67,17 @@ class SFTDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return
-        train_rows, val_rows = self._load_splits()
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        self.train_data = self._tokenize(train_rows, self.hparams.dataset)
-        val_source = self.hparams.validation_dataset or self.hparams.dataset
-        self.val_data = self._tokenize(val_rows, val_source) if val_rows is not None else None
+        source, validation = self.hparams.dataset, self.hparams.validation_dataset
+        train = self._tokenize(load_rows(source, "train"), source)
+        if validation:
+            self.train_data, self.val_data = train, self._tokenize(load_rows(validation, "validation"), validation)
+        elif source.startswith(BUILTIN_PREFIX):  # built-in datasets ship their own held-out split
+            self.train_data, self.val_data = train, self._tokenize(load_rows(source, "validation"), source)
+        elif self.hparams.val_split == 0:
+            self.train_data, self.val_data = train, None
+        else:
+            self.train_data, self.val_data = self._split(train, source)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, shuffle=True)
@@ -80,46 +98,40 @@ class SFTDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
-    def _load_splits(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-        source, val_split = self.hparams.dataset, self.hparams.val_split
-        train_rows = self._check_columns(load_rows(source, "train"), source)
-        if self.hparams.validation_dataset:
-            validation = self.hparams.validation_dataset
-            return train_rows, self._check_columns(load_rows(validation, "validation"), validation)
-        if source.startswith(BUILTIN_PREFIX):  # built-in datasets ship their own held-out split
-            return train_rows, load_rows(source, "validation")
-        if val_split == 0:
-            return train_rows, None
-        if not 0 < val_split < 1:
-            raise SmolFactoryError(f"data.val_split must be in [0, 1), got {val_split}")
-        if len(train_rows) < 2 or round(len(train_rows) * val_split) >= len(train_rows):
+    def _split(self, data: datasets.Dataset, source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+        val_split = self.hparams.val_split
+        if len(data) - math.ceil(len(data) * val_split) < 1:
             raise SmolFactoryError(
-                f"dataset {source} has {len(train_rows)} rows, too few to hold out data.val_split={val_split}; "
+                f"dataset {source} has {len(data)} usable rows, too few to hold out data.val_split={val_split}; "
                 "set data.val_split: 0 or give data.validation_dataset"
             )
-        split = train_rows.train_test_split(test_size=val_split, seed=self.hparams.seed)
+        split = data.train_test_split(test_size=val_split, seed=self.hparams.seed)
         return split["train"], split["test"]
 
-    def _check_columns(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+        """Render, tokenize and mask every row (numbered as in the file), then drop rows with nothing to train."""
         column = self.hparams.messages_column
         if column not in rows.column_names:
             raise SmolFactoryError(
                 f"dataset {source} has columns {rows.column_names} but no '{column}' column of "
                 f"{{role, content}} messages; rename the column or set data.messages_column"
             )
-        return rows
-
-    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
+        # datasets fingerprints the mapped function but not the code it calls: include our code and the
+        # tokenizer explicitly, so a change to masking never reuses stale cached labels.
+        fingerprint = Hasher.hash(
+            (rows._fingerprint, _PIPELINE_SOURCE, Hasher.hash(self.tokenizer), column, self.hparams.max_length)
+        )
         tokenized = rows.map(
             partial(
                 _tokenize_row,
                 tokenizer=self.tokenizer,
-                column=self.hparams.messages_column,
+                column=column,
                 max_length=self.hparams.max_length,
                 source=source,
             ),
             with_indices=True,
             remove_columns=rows.column_names,
+            new_fingerprint=fingerprint,
             desc=f"Tokenizing {source}",
         )
         trainable = tokenized.filter(lambda example: example["num_trained"] > 0, desc="Dropping empty rows")
@@ -146,7 +158,8 @@ def _tokenize_row(
         messages = row_to_messages(row, column)
         full = tokenize_conversation(tokenizer, messages)
     except (RowError, TemplateError) as error:
-        raise SmolFactoryError(f"{source}, row {index}: {error}; fix or remove the row") from error
+        # Rows count from 1, as the lines of a .jsonl file do.
+        raise SmolFactoryError(f"{source}, row {index + 1}: {error}; fix or remove the row") from error
     input_ids, labels = full["input_ids"][:max_length], full["labels"][:max_length]
     return {
         "input_ids": input_ids,
@@ -154,3 +167,7 @@ def _tokenize_row(
         "truncated": len(full["input_ids"]) > max_length,
         "num_trained": sum(label != IGNORE_INDEX for label in labels[1:]),
     }
+
+
+# The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
+_PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, _tokenize_row))

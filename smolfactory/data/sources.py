@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 
 from smolfactory.errors import SmolFactoryError, first_line
+from smolfactory.model.loading import BUILTIN_PREFIX
 
-BUILTIN_PREFIX = "builtin:"
 # Built-in datasets: name -> {split: file inside smolfactory/data}
 BUILTIN_DATASETS = {
     "quickstart": {"train": "quickstart/train.jsonl", "validation": "quickstart/validation.jsonl"},
@@ -17,10 +17,12 @@ BUILTIN_DATASETS = {
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def builtin_split_path(name: str, split: str) -> Path | None:
-    """The packaged file of a built-in dataset's split, or None when it has no such split."""
+def builtin_split_path(name: str, split: str) -> Path:
+    """The packaged file of a built-in dataset's split."""
     relative = BUILTIN_DATASETS[name].get(split)
-    return Path(str(files("smolfactory.data").joinpath(relative))) if relative else None
+    if relative is None:
+        raise SmolFactoryError(f"built-in dataset {BUILTIN_PREFIX}{name} has no '{split}' split")
+    return Path(str(files("smolfactory.data").joinpath(relative)))
 
 
 def load_rows(source: str, split: str = "train") -> datasets.Dataset:

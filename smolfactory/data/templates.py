@@ -1,17 +1,21 @@
 """Render conversations with a chat template and mark the tokens the model is trained on.
 
-Most chat templates (SmolLM2, SmolLM3, Qwen2.5, Llama 3) have no ``{% generation %}`` markers, so the
-assistant spans are found by rendering: the text of the conversation up to an assistant turn, with the
-generation prompt, must be a prefix of the whole rendering; the turn's text then runs to the next prefix.
-The trained span of a turn is its content plus the end-of-turn token, and nothing after it (the newline a
-template adds after the end-of-turn token is not something the model should learn to emit).
+Most chat templates (SmolLM2, Qwen2.5, Llama 3) have no ``{% generation %}`` markers, so assistant spans
+are found by rendering: the conversation up to an assistant turn, with the generation prompt, must be a
+prefix of the whole rendering, and the turn runs from there to the rendering that includes it. The
+trained span of a turn is its content plus the end-of-turn token (the first special token after the
+content), and nothing after it: the newline some templates add after the end-of-turn token is not
+something the model should learn to emit.
 
-Masks are built from character spans and the tokenizer's offsets, never from the pad id: SmolLM2's pad
-token *is* its end-of-turn token, and masking by pad id would hide every end-of-turn from the loss.
+The text is tokenized segment by segment (prompt, answer, prompt, ...), exactly as generation sees it:
+the prompt ends where the generation prompt ends, so no token straddles a prompt and its answer, and
+no offsets mapping is needed. Masks never come from the pad id: SmolLM2's pad token *is* its
+end-of-turn token, and masking by pad id would hide every end-of-turn from the loss.
 """
 
 from __future__ import annotations
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.model.loss import IGNORE_INDEX
@@ -20,11 +24,15 @@ Message = dict[str, str]
 
 
 class TemplateError(ValueError):
-    """The chat template renders a conversation in a way the masks cannot follow."""
+    """The chat template cannot render a conversation, or renders it in a way the masks cannot follow."""
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The chat template's text for ``messages``; template failures become a ``TemplateError``."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, ValueError) as error:
+        raise TemplateError(f"the chat template refused the conversation: {error}") from error
 
 
 def assistant_char_spans(
@@ -32,7 +40,6 @@ def assistant_char_spans(
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the ``[start, end)`` character span of every assistant turn."""
     text = render(tokenizer, messages, add_generation_prompt=False)
-    end_of_turn = tokenizer.eos_token
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -44,12 +51,21 @@ def assistant_char_spans(
                 f"the chat template renders turn {index} differently once later turns follow "
                 "(it rewrites history), so its assistant span cannot be located"
             )
-        start, end = len(prompt), len(through_turn)
-        turn_text = text[start:end]
-        if end_of_turn and end_of_turn in turn_text:
-            end = start + turn_text.rindex(end_of_turn) + len(end_of_turn)
-        spans.append((start, end))
+        start = len(prompt)
+        spans.append((start, start + _trained_length(tokenizer, text[start : len(through_turn)], message["content"])))
     return text, spans
+
+
+def _trained_length(tokenizer: PreTrainedTokenizerBase, turn_text: str, content: str) -> int:
+    """Characters of an assistant turn's text to train: through the first special token after the content."""
+    content_at = turn_text.find(content.strip())
+    search_from = content_at + len(content.strip()) if content_at >= 0 else 0
+    ends = [
+        position + len(token)
+        for token in tokenizer.all_special_tokens
+        if (position := turn_text.find(token, search_from)) >= 0
+    ]
+    return min(ends) if ends else len(turn_text.rstrip())
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> dict[str, list[int]]:
@@ -58,17 +74,14 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     Labels are not shifted: the loss shifts them.
     """
     text, spans = assistant_char_spans(tokenizer, messages)
-    # The template writes any BOS itself; letting the tokenizer add one would double it.
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for position, (token_start, token_end) in enumerate(encoding["offset_mapping"]):
-        while span_index < len(spans) and token_start >= spans[span_index][1]:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
-        if span_start <= token_start < span_end and token_end > token_start:
-            labels[position] = input_ids[position]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for segment, trained in ((text[position:start], False), (text[start:end], True)):
+            # The template writes any BOS itself; letting the tokenizer add one would double it.
+            ids = tokenizer(segment, add_special_tokens=False)["input_ids"] if segment else []
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        position = end
     return {"input_ids": input_ids, "labels": labels}
