@@ -12,20 +12,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 def save_pretrained_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """Save a model (a PEFT adapter or a full model) with its tokenizer and chat template to ``path``.
 
-    Everything is written to a sibling staging folder first and moved into place with one rename, so a
-    crash never leaves a half-written export; an existing folder at ``path`` is replaced.
+    Everything is written to a hidden sibling staging folder and renamed into place, so ``path`` never
+    holds a half-written export. An existing folder at ``path`` is first renamed to ``.NAME.old-PID`` and
+    deleted once the new one is in place: a crash between those two renames leaves the old export there.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if path.exists():
-        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, retired)
-        os.replace(staging, path)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, path)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if path.exists():
+            retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, retired)
+            os.replace(staging, path)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

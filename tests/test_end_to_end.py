@@ -12,17 +12,25 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
 
 from smolfactory.cli import main
-from smolfactory.model.loading import BUILTIN_MODELS
+from smolfactory.model import loading
+from smolfactory.model.loading import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model_path
 
 pytestmark = pytest.mark.slow
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
-def test_builtin_conversion_keeps_the_gguf_model_logits(builtin_path):
+def test_builtin_model_converts_once_into_the_cache_with_the_gguf_logits(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOLFACTORY_CACHE", str(tmp_path))
+    converted_path = resolve_model_path(DEFAULT_MODEL)
+    assert converted_path == str(tmp_path / "smollm2-135m-instruct")
+    # A second resolution reuses the cached folder instead of converting again.
+    monkeypatch.setattr(loading, "_convert_gguf", lambda *args: pytest.fail("converted twice"))
+    assert resolve_model_path(DEFAULT_MODEL) == converted_path
+
     package, gguf_file, _ = BUILTIN_MODELS["smollm2-135m-instruct"]
     folder = importlib.util.find_spec(package).submodule_search_locations[0]
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    converted = AutoModelForCausalLM.from_pretrained(builtin_path, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(converted_path, dtype=torch.float32)
     input_ids = torch.tensor([[1, 4093, 198, 26843, 665, 2, 198]])
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids).logits, gguf_model(input_ids).logits, rtol=0, atol=0)
@@ -47,7 +55,6 @@ def test_quickstart_recipe_fits_the_builtin_model(tmp_path):
 
     final = tmp_path / "final"
     tuned = AutoPeftModelForCausalLM.from_pretrained(final).eval()
-    assert tuned.peft_config["default"].r == 16
     base = AutoModelForCausalLM.from_pretrained(tuned.peft_config["default"].base_model_name_or_path).eval()
     input_ids = torch.tensor([[1, 4093, 198, 26843, 665, 2, 198]])
     with torch.no_grad():

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
 from smolfactory.callbacks import HFExport
+from smolfactory.errors import SmolFactoryError
 from tests.conftest import chat, write_jsonl
 
 
@@ -71,7 +72,8 @@ def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
 
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tiny_data, tmp_path, lora):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
+    # A constant learning rate (min_lr_ratio=1): this test is about optimisation, not the schedule.
+    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2, min_lr_ratio=1.0)
     recorder = fit(module, tiny_data, tmp_path, max_steps=20)
     assert len(recorder.losses) == 20
     assert recorder.losses[-1] < 0.6 * recorder.losses[0]
@@ -126,3 +128,43 @@ def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data
         # Training changed the model: the export is not simply the base model.
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         assert not torch.allclose(base(input_ids).logits, module(input_ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(r=8), None], ids=["continue-adapter", "merge-then-full"])
+def test_an_adapter_folder_as_model_name_starts_from_that_adapter(tiny_model_dir, tiny_data, tmp_path, lora):
+    first = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=8, alpha=16), learning_rate=1e-2)
+    fit(first, tiny_data, tmp_path, max_steps=3, callbacks=[HFExport()])
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+
+    second = CausalLMModule(model_name=str(tmp_path / "final"), lora=lora)
+    second.configure_model()
+    second.eval()
+    input_ids = torch.tensor([[1, 42, 7, 99, 2048, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(second(input_ids), adapter(input_ids).logits, rtol=1e-5, atol=1e-5)
+    trainable = [name for name, p in second.named_parameters() if p.requires_grad]
+    if lora is None:
+        assert len(trainable) == len(list(second.parameters())) and not any("lora_" in n for n in trainable)
+    else:
+        assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_lora_checkpoint_holds_only_trainable_weights(tiny_model_dir, tiny_data, tmp_path):
+    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
+    fit(module, tiny_data, tmp_path, max_steps=1)
+    path = tmp_path / "lora.ckpt"
+    module.trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable
+    base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert path.stat().st_size < 0.1 * base_bytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"warmup_steps": -1}, "model.warmup_steps must be >= 0"), ({"lora": LoraSettings(r=0)}, "lora.r must be")],
+)
+def test_bad_model_settings_fail_when_the_module_is_built(kwargs, message):
+    with pytest.raises(SmolFactoryError, match=message):
+        CausalLMModule(**kwargs)

