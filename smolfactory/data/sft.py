@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import formats, templates
-from smolfactory.data.collate import pad_collate
+from smolfactory.data.collate import pad_collate, prompt_collate
 from smolfactory.data.formats import RowError, row_to_messages
 from smolfactory.data.sources import load_rows
 from smolfactory.data.templates import TemplateError, tokenize_conversation
@@ -89,12 +90,17 @@ class SFTDataModule(L.LightningDataModule):
         """The validation data: `smolfactory test` reports the held-out loss of a checkpoint."""
         return self.val_dataloader()
 
-    def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts of the validation data (the training data without one), for `smolfactory predict`."""
+        data = self.val_data if self.val_data is not None else self.train_data
+        return self._loader(data, shuffle=False, collate=prompt_collate)
+
+    def _loader(self, data: datasets.Dataset, shuffle: bool, collate: Callable = pad_collate) -> DataLoader:
         return DataLoader(
             data,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            collate_fn=partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
 
