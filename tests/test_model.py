@@ -30,6 +30,7 @@ class RecordSteps(L.Callback):
 
 
 def fit(module, datamodule, root, max_steps, callbacks=()):
+    L.seed_everything(0)  # adapters are initialised randomly in configure_model
     recorder = RecordSteps()
     trainer = L.Trainer(
         accelerator="cpu",
