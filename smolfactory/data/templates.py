@@ -18,6 +18,7 @@ from __future__ import annotations
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from smolfactory.errors import first_line
 from smolfactory.model.loss import IGNORE_INDEX
 
 Message = dict[str, str]
@@ -32,7 +33,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_gene
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except (jinja2.TemplateError, ValueError) as error:
-        raise TemplateError(f"the chat template refused the conversation: {error}") from error
+        raise TemplateError(f"the chat template refused the conversation: {first_line(error)}") from error
 
 
 def assistant_char_spans(
@@ -58,8 +59,9 @@ def assistant_char_spans(
 
 def _trained_length(tokenizer: PreTrainedTokenizerBase, turn_text: str, content: str) -> int:
     """Characters of an assistant turn's text to train: through the first special token after the content."""
-    content_at = turn_text.find(content.strip())
-    search_from = content_at + len(content.strip()) if content_at >= 0 else 0
+    content = content.strip()  # templates may trim it
+    content_at = turn_text.find(content)
+    search_from = content_at + len(content) if content_at >= 0 else 0
     ends = [
         position + len(token)
         for token in tokenizer.all_special_tokens
