@@ -2,6 +2,7 @@
 
 smolfactory fit --config configs/quickstart.yaml
 smolfactory fit --config configs/quickstart.yaml --print_config
+smolfactory preview --config configs/quickstart.yaml
 """
 
 from __future__ import annotations
@@ -9,17 +10,35 @@ from __future__ import annotations
 import os
 import sys
 
+import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.predictions import PredictionWriter
+from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.sft import CausalLMModule
 
 # Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class SmolFactoryTrainer(L.Trainer):
+    """Lightning's Trainer plus ``preview``, so that LightningCLI offers it as a subcommand with the same config."""
+
+    def preview(
+        self, model: L.LightningModule | None = None, datamodule: SFTDataModule | None = None, num_examples: int = 3
+    ) -> None:
+        """Print a few training examples with the trained tokens marked, and statistics of the prepared data.
+
+        Args:
+            model: Unused; the subcommand shares the fit config.
+            datamodule: The data module to preview.
+            num_examples: How many training examples to print.
+        """
+        print(preview(datamodule, num_examples, color=sys.stdout.isatty()))
 
 
 class SmolFactoryCLI(LightningCLI):
@@ -29,11 +48,16 @@ class SmolFactoryCLI(LightningCLI):
         """Takes LightningCLI's arguments; only the defaults below differ."""
         kwargs.setdefault("model_class", CausalLMModule)
         kwargs.setdefault("datamodule_class", SFTDataModule)
+        kwargs.setdefault("trainer_class", SmolFactoryTrainer)
         # The module configures its own AdamW and schedule: no optimizer/lr_scheduler keys in the YAML.
         kwargs.setdefault("auto_configure_optimizers", False)
         # A rerun into the same folder replaces config.yaml instead of refusing to start.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "preview": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The user names the model once; the data module loads the same model's tokenizer.

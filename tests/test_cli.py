@@ -141,8 +141,8 @@ def test_configuration_errors_end_with_one_line(tmp_path, tiny_model_dir, capsys
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    bad = tmp_path / "no_messages.jsonl"
-    bad.write_text('{"instruction": "hi", "output": "hello"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = subprocess.run(
         [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, f"--data.dataset={bad}"],
         capture_output=True,
@@ -152,4 +152,5 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataset ") and "no 'messages' column" in last and "data.messages_column" in last
+    assert last.startswith("error: ") and "bad.jsonl, row 1: the conversation has no assistant turn" in last
+    assert last.endswith("fix or remove the row, or set data.on_bad_row: skip")

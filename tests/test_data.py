@@ -80,14 +80,41 @@ def test_val_split_holds_out_rows(tiny_model_dir, tmp_path):
     assert (len(datamodule.train_data), len(datamodule.val_data)) == (15, 5)
 
 
-def test_truncation_keeps_max_length_and_drops_rows_with_nothing_to_train(tiny_model_dir, tmp_path):
+def test_truncation_keeps_max_length_and_a_row_with_nothing_left_to_train_is_a_bad_row(tiny_model_dir, tmp_path):
     rows = [chat("Hi", "Hello " * 200), chat("word " * 300, "Answer after a long prompt.")]
-    datamodule = make_datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0, max_length=64)
-    # Row 2's answer lies beyond 64 tokens, so it is dropped; row 1 is cut to 64 tokens.
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(SmolFactoryError, match=r"d\.jsonl, row 2: nothing is left to train after truncation to 64"):
+        make_datamodule(tiny_model_dir, path, val_split=0, max_length=64)
+    datamodule = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64, on_bad_row="skip")
     assert len(datamodule.train_data) == 1
     example = datamodule.train_data[0]
     assert len(example["input_ids"]) == 64
     assert any(label != IGNORE_INDEX for label in example["labels"])
+    summary = datamodule.summaries[f"{path}:train"]
+    assert (summary["rows"], summary["examples"], summary["truncated"], summary["skipped"]) == (2, 1, 1, 1)
+
+
+@pytest.mark.parametrize("overlong", ["drop", "split"])
+def test_overlong_examples_dropped_or_split(tiny_model_dir, tokenizer, tmp_path, overlong):
+    rows = [chat("Hi", "Hello"), chat("Go on", "word " * 150)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    long_row = tokenize_one(tokenizer, rows[1]["messages"])["input_ids"]
+    assert len(tokenize_one(tokenizer, rows[0]["messages"])["input_ids"]) <= 64 < len(long_row)
+    datamodule = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64, overlong=overlong)
+    data = datamodule.train_data
+    if overlong == "drop":
+        assert len(data) == 1 and datamodule.summaries[f"{path}:train"]["dropped"] == 1
+        return
+    # Every piece fits, and the pieces of the long row, put back together, are the row.
+    assert all(length <= 64 for length in data["length"])
+    assert sum(data["input_ids"][1:], []) == long_row
+    assert len(data) == 1 + -(-len(long_row) // 64)
+
+
+def tokenize_one(tokenizer, messages):
+    from smolfactory.data.templates import tokenize_conversation
+
+    return tokenize_conversation(tokenizer, messages)[0]
 
 
 def test_missing_dataset_file_names_the_path(tiny_model_dir, tmp_path):
@@ -95,9 +122,9 @@ def test_missing_dataset_file_names_the_path(tiny_model_dir, tmp_path):
         make_datamodule(tiny_model_dir, tmp_path / "nope.jsonl")
 
 
-def test_dataset_without_messages_column_names_the_columns_and_the_fix(tiny_model_dir, tmp_path):
-    path = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "output": "Hi"}])
-    with pytest.raises(SmolFactoryError, match=r"columns \['instruction', 'output'\].*data\.messages_column"):
+def test_dataset_of_unknown_layout_names_the_columns_and_the_fix(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Say hi", "answer": "Hi"}])
+    with pytest.raises(SmolFactoryError, match=r"columns \['question', 'answer'\].*data\.format.*data\.columns"):
         make_datamodule(tiny_model_dir, path, val_split=0)
 
 
@@ -116,7 +143,7 @@ def test_dataset_without_messages_column_names_the_columns_and_the_fix(tiny_mode
         ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "non-string"),
         (
             {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
-            "starts with an assistant",
+            "must open with a user turn",
         ),
     ],
 )
@@ -135,7 +162,7 @@ def test_tokenization_cache_follows_the_masking_code(tiny_model_dir, tmp_path, m
     second = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     assert second == first  # same code, same data: same examples (from the cache)
     monkeypatch.setattr(sft, "_PIPELINE_SOURCE", sft._PIPELINE_SOURCE + "# changed")
-    monkeypatch.setattr(sft, "tokenize_conversation", lambda tok, messages: {"input_ids": [1, 2], "labels": [1, 2]})
+    monkeypatch.setattr(sft, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
     assert make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]["input_ids"] == [1, 2]
 
 
@@ -150,7 +177,7 @@ def test_bad_settings_fail_when_the_module_is_built(kwargs, message):
 
 def test_too_few_rows_for_a_validation_split_says_what_to_set(tiny_model_dir, tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [chat("Hi", "Hello")])
-    with pytest.raises(SmolFactoryError, match=r"has 1 usable rows, too few .* set data\.val_split: 0"):
+    with pytest.raises(SmolFactoryError, match=r"has 1 usable examples, too few .* set data\.val_split: 0"):
         make_datamodule(tiny_model_dir, path, val_split=0.1)
 
 

@@ -26,7 +26,8 @@ class RecordSteps(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(outputs["loss"].item())
+        if trainer.global_step > len(self.losses):  # an optimizer step happened: its loss was logged
+            self.losses.append(trainer.callback_metrics["train_loss"].item())
 
 
 def fit(module, datamodule, root, max_steps, callbacks=()):

@@ -1,13 +1,20 @@
-"""Assistant-only label masks, checked against token spans built by hand, on several chat templates."""
+"""Assistant-only label masks, checked against token spans built by hand, on real chat templates.
+
+``tests/templates/`` holds the templates SmolLM3, Qwen2.5, Qwen3 and Llama 3.2 ship (see its README);
+they run on the SmolLM2 tokenizer, given each template's special tokens.
+"""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
-from smolfactory.data.templates import TemplateError, tokenize_conversation
+from smolfactory.data.templates import TemplateError, render, tokenize_conversation
 from smolfactory.model.loss import IGNORE_INDEX
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -25,26 +32,37 @@ GEMMA_TEMPLATE = (
     "{{ '<start_of_turn>' + role + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
-TURN_END = {"smollm2": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# name -> (template, special tokens it needs beyond SmolLM2's, end-of-turn token)
+TEMPLATE_SETUPS = {
+    "smollm2": (None, [], "<|im_end|>"),
+    "smollm3": ((TEMPLATES / "smollm3.jinja").read_text(), [], "<|im_end|>"),
+    "qwen2.5": ((TEMPLATES / "qwen2_5.jinja").read_text(), [], "<|im_end|>"),
+    "llama3.2": ((TEMPLATES / "llama3.jinja").read_text(), LLAMA_TOKENS, "<|eot_id|>"),
+    "llama3-synthetic": (LLAMA3_TEMPLATE, LLAMA_TOKENS, "<|eot_id|>"),
+    "gemma-synthetic": (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+}
+TURN_END = {name: setup[2] for name, setup in TEMPLATE_SETUPS.items()}
 
 
 def with_template(tokenizer, name: str):
     """A copy of the SmolLM2 tokenizer with another template and that template's special tokens."""
+    template, tokens, _ = TEMPLATE_SETUPS[name]
+    if template is None:
+        return tokenizer
     variant = copy.deepcopy(tokenizer)
-    tokens = {
-        "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "gemma": ["<start_of_turn>", "<end_of_turn>"],
-    }[name]
-    variant.add_special_tokens({"additional_special_tokens": tokens})
-    variant.chat_template = LLAMA3_TEMPLATE if name == "llama3" else GEMMA_TEMPLATE
+    if tokens:
+        variant.add_special_tokens({"additional_special_tokens": tokens})
+    if "llama3" in name:
+        variant.bos_token = "<|begin_of_text|>"
+    variant.chat_template = template
     return variant
 
 
-@pytest.fixture(scope="module", params=list(TURN_END))
+@pytest.fixture(scope="module", params=list(TEMPLATE_SETUPS))
 def template(request, tokenizer):
-    """(name, tokenizer) for the real SmolLM2 template and the two others."""
-    name = request.param
-    return name, tokenizer if name == "smollm2" else with_template(tokenizer, name)
+    """(name, tokenizer) for each template."""
+    return request.param, with_template(tokenizer, request.param)
 
 
 def trained_spans(labels: list[int]) -> list[list[int]]:
@@ -70,7 +88,7 @@ def test_single_turn_matches_hand_built_rendering(tokenizer):
         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     )
     answer = "Hello! How can I help?<|im_end|>"
-    example = tokenize_conversation(tokenizer, messages)
+    example = tokenize_conversation(tokenizer, messages)[0]
 
     prompt_ids, answer_ids, tail_ids = encode(tokenizer, prompt), encode(tokenizer, answer), encode(tokenizer, "\n")
     assert example["input_ids"] == prompt_ids + answer_ids + tail_ids
@@ -78,7 +96,7 @@ def test_single_turn_matches_hand_built_rendering(tokenizer):
 
 
 def test_multi_turn_llama3_layout_matches_hand_built_ids(tokenizer):
-    tokenizer = with_template(tokenizer, "llama3")
+    tokenizer = with_template(tokenizer, "llama3-synthetic")
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "2 + 2?"},
@@ -106,7 +124,7 @@ def test_multi_turn_llama3_layout_matches_hand_built_ids(tokenizer):
         ids = encode(tokenizer, text)
         expected_ids += ids
         expected_labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    example = tokenize_conversation(tokenizer, messages)
+    example = tokenize_conversation(tokenizer, messages)[0]
     assert example["input_ids"] == expected_ids
     assert example["labels"] == expected_labels
     assert example["input_ids"].count(tokenizer.convert_tokens_to_ids("<|begin_of_text|>")) == 1  # no double BOS
@@ -128,9 +146,9 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_token(template, an
         for question, answer in zip(questions, answers, strict=True)
         for role, text in (("user", question), ("assistant", answer))
     ]
-    example = tokenize_conversation(tokenizer, messages)
+    example = tokenize_conversation(tokenizer, messages)[0]
     spans = [tokenizer.decode(span) for span in trained_spans(example["labels"])]
-    stripped = name == "llama3"  # that template trims contents
+    stripped = name.startswith("llama3")  # those templates trim contents
     assert spans == [(answer.strip() if stripped else answer) + TURN_END[name] for answer in answers]
     # Nothing else is trained: the prompt, user turns and the newline after an end-of-turn stay masked.
     assert sum(label != IGNORE_INDEX for label in example["labels"]) == sum(
@@ -141,19 +159,19 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_token(template, an
 def test_end_of_turn_token_is_trained_although_it_is_the_pad_token(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the trap this test is about
     messages = [{"role": "user", "content": "Ping"}, {"role": "assistant", "content": "Pong"}]
-    labels = tokenize_conversation(tokenizer, messages)["labels"]
+    labels = tokenize_conversation(tokenizer, messages)[0]["labels"]
     assert trained_spans(labels)[-1][-1] == tokenizer.eos_token_id
 
 
 def test_template_exceptions_become_template_errors(tokenizer):
-    tokenizer = with_template(tokenizer, "gemma")  # its template refuses system turns
+    tokenizer = with_template(tokenizer, "gemma-synthetic")  # its template refuses system turns
     messages = [
         {"role": "system", "content": "x"},
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b"},
     ]
     with pytest.raises(TemplateError, match="System role not supported"):
-        tokenize_conversation(tokenizer, messages)
+        tokenize_conversation(tokenizer, messages)[0]
 
 
 def test_template_that_rewrites_history_is_refused(tokenizer):
@@ -170,4 +188,41 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
         {"role": "assistant", "content": "d"},
     ]
     with pytest.raises(TemplateError, match="rewrites history"):
-        tokenize_conversation(forgetful, messages)
+        tokenize_conversation(forgetful, messages)[0]
+
+
+TWO_TURNS = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "Doubled?"},
+    {"role": "assistant", "content": "It is 8."},
+]
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_history_rewriting_template_gives_one_example_per_turn_as_generation_sees_it(tokenizer, enable_thinking):
+    """Qwen3 drops an earlier turn's think block once a user turn follows: each turn becomes its own example."""
+    qwen3 = with_template(tokenizer, "smollm2")
+    qwen3 = copy.deepcopy(qwen3)
+    qwen3.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
+    kwargs = {"enable_thinking": enable_thinking}
+    examples = tokenize_conversation(qwen3, TWO_TURNS, template_kwargs=kwargs)
+    assert len(examples) == 2
+    for example, turn in zip(examples, (1, 3), strict=True):
+        spans = trained_spans(example["labels"])
+        assert len(spans) == 1  # only this example's own turn is trained
+        prompt = render(qwen3, TWO_TURNS[:turn], add_generation_prompt=True, template_kwargs=kwargs)
+        # The untrained part is exactly the prompt generation would see; the trained part ends the turn.
+        assert qwen3.decode(example["input_ids"][: -len(spans[0]) - 1]) == prompt
+        assert qwen3.decode(spans[0]).endswith(TWO_TURNS[turn]["content"] + "<|im_end|>")
+        # With thinking on, the generation prompt stops before the empty think block, so the model learns it.
+        assert qwen3.decode(spans[0]).startswith("<think>") == enable_thinking
+
+
+def test_train_on_last_assistant_and_all(tokenizer):
+    last = tokenize_conversation(tokenizer, TWO_TURNS, train_on="last_assistant")[0]
+    every = tokenize_conversation(tokenizer, TWO_TURNS, train_on="all")[0]
+    assistant = tokenize_conversation(tokenizer, TWO_TURNS)[0]
+    assert [tokenizer.decode(span) for span in trained_spans(last["labels"])] == ["It is 8.<|im_end|>"]
+    assert last["input_ids"] == assistant["input_ids"] == every["input_ids"]
+    assert every["labels"] == every["input_ids"]

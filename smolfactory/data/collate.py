@@ -32,6 +32,31 @@ def pad_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def packed_collate(rows: list[list[dict[str, list[int]]]], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate packed rows into one padding-free row of shape ``[1, tokens]``.
+
+    Examples ``[a, b, c]`` and ``[d, e]`` become::
+
+        input_ids    [[a, b, c, d, e]]
+        labels       [[-100, b, c, -100, e]]
+        position_ids [[0, 1, 2, 0, 1]]
+
+    Each example's first label is dropped: nothing before it in its own example predicts it, and the
+    token before it belongs to another example. No attention mask: transformers separates the examples
+    by their restarting position ids.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for example in (example for row in rows for example in row):
+        input_ids += example["input_ids"]
+        labels += [IGNORE_INDEX, *example["labels"][1:]]
+        position_ids += range(len(example["input_ids"]))
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([position_ids]),
+    }
+
+
 def prompt_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor | list]:
     """Left-pad the prompt of each example (everything before its last trained span) for generation.
 

@@ -1,57 +1,89 @@
-"""SFTDataModule: chat datasets to padded batches of input ids and assistant-only labels."""
+"""SFTDataModule: datasets of any common layout to batches of input ids and labels.
+
+The pipeline, per dataset: load rows (``sources``), turn each row into a conversation or text
+(``formats``), render and tokenize it with the trained spans marked (``templates``), fit it to
+``max_length``, then mix the datasets and batch them: padded, grouped by length, or packed (``packing``).
+Tokenization runs once through ``datasets.map`` and is cached; rank 0 does it first in ``prepare_data``.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import random
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import lightning as L
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import formats, templates
-from smolfactory.data.collate import pad_collate, prompt_collate
-from smolfactory.data.formats import RowError, row_to_messages
-from smolfactory.data.sources import load_rows
-from smolfactory.data.templates import TemplateError, tokenize_conversation
+from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
+from smolfactory.data.formats import Format, RowError, detect_format, row_to_example
+from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset
+from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
+from smolfactory.data.templates import TemplateError, TrainOn, resolve_chat_template, tokenize_example
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loading import BUILTIN_PREFIX, DEFAULT_MODEL, load_tokenizer
 from smolfactory.model.loss import IGNORE_INDEX
 
+Overlong = Literal["truncate", "drop", "split"]
+BadRowPolicy = Literal["error", "skip"]
+
 
 class SFTDataModule(L.LightningDataModule):
-    """Chat datasets to padded batches of input ids and assistant-only labels."""
+    """Chat, instruction or text datasets to batches of input ids and labels for supervised fine-tuning."""
 
     def __init__(
         self,
         tokenizer: str = DEFAULT_MODEL,
-        dataset: str = "builtin:quickstart",
-        validation_dataset: str | None = None,
+        dataset: str | DatasetSource | list[str | DatasetSource] = "builtin:quickstart",
+        validation_dataset: str | DatasetSource | None = None,
         val_split: float = 0.05,
-        messages_column: str = "messages",
+        format: Format = "auto",
+        columns: dict[str, str] | None = None,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        train_on: TrainOn = "assistant",
         max_length: int = 2048,
+        overlong: Overlong = "truncate",
+        packing: bool = False,
+        group_by_length: bool = False,
+        on_bad_row: BadRowPolicy = "error",
         batch_size: int = 4,
         num_workers: int = 0,
+        num_proc: int | None = None,
         seed: int = 42,
     ) -> None:
-        """Chat conversations, rendered with the tokenizer's chat template, loss on assistant turns only.
+        """Examples rendered with a chat template (or as plain text), with labels only where the model learns.
 
         Args:
             tokenizer: Model name whose tokenizer and chat template are used (the CLI links it to model.model_name).
-            dataset: Hub dataset id, local json/jsonl/parquet/csv file, or builtin:quickstart.
+            dataset: Training data: a Hub id, local json/jsonl/parquet/csv file or builtin:quickstart, or a list of
+                {path, name, split, revision, format, columns, weight, num_samples} sources to mix.
             validation_dataset: Separate validation data (same forms as dataset); null splits it off dataset.
             val_split: Fraction of dataset held out for validation (unused with validation_dataset or builtin data).
-            messages_column: Column holding each row's list of {role, content} messages.
-            max_length: Longest example in tokens; longer ones are truncated (and dropped if nothing is left to train).
-            batch_size: Examples per micro-batch, padded to the longest in the batch.
+            format: Row layout: messages, sharegpt, alpaca, prompt_completion, text, or auto (from the columns).
+            columns: Column renames, layout field -> your column, e.g. {instruction: question, output: answer}.
+            system_prompt: System turn added to conversations that have none.
+            chat_template: Replaces the tokenizer's template: a built-in name (chatml), a .jinja file or a Jinja string.
+            chat_template_kwargs: Extra variables for the chat template, e.g. {enable_thinking: false} for SmolLM3.
+            train_on: Tokens with a loss: assistant (every assistant turn), last_assistant, or all.
+            max_length: Longest example in tokens (and the length of a packed row).
+            overlong: Longer examples are truncated, dropped, or split into max_length pieces.
+            packing: Pack examples into padding-free rows of max_length tokens (best-fit decreasing).
+            group_by_length: Without packing, batch examples of similar length to cut padding.
+            on_bad_row: A malformed row stops with an error naming it, or is skipped and counted.
+            batch_size: Examples per micro-batch (packed rows per micro-batch with packing).
             num_workers: DataLoader worker processes.
-            seed: Seed of the train/validation split.
+            num_proc: Processes that tokenize the dataset (datasets.map); null tokenizes in this process.
+            seed: Seed of the train/validation split and of dataset mixing.
         """
         super().__init__()
         if not 0 <= val_split < 1:
@@ -60,25 +92,28 @@ class SFTDataModule(L.LightningDataModule):
             raise SmolFactoryError(
                 f"data.max_length must be >= 2 and data.batch_size >= 1, got {max_length}, {batch_size}"
             )
+        if packing and group_by_length:
+            raise SmolFactoryError("set data.packing or data.group_by_length, not both: packed rows have no padding")
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | None = None
         self.val_data: datasets.Dataset | None = None
+        self.summaries: dict[str, dict[str, Any]] = {}
+
+    @property
+    def sources(self) -> list[DatasetSource]:
+        """The training datasets, as sources."""
+        dataset = self.hparams.dataset
+        return [_as_source(item) for item in (dataset if isinstance(dataset, list) else [dataset])]
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup: the other ranks then load the
+        # tokenized data from the datasets cache instead of tokenizing it again.
+        self._build()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_data is not None:
-            return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        source, validation = self.hparams.dataset, self.hparams.validation_dataset
-        train = self._tokenize(load_rows(source, "train"), source)
-        if validation:
-            self.train_data, self.val_data = train, self._tokenize(load_rows(validation, "validation"), validation)
-        elif source.startswith(BUILTIN_PREFIX):  # built-in datasets ship their own held-out split
-            self.train_data, self.val_data = train, self._tokenize(load_rows(source, "validation"), source)
-        elif self.hparams.val_split == 0:
-            self.train_data, self.val_data = train, None
-        else:
-            self.train_data, self.val_data = self._split(train, source)
+        if self.train_data is None:
+            self.train_data, self.val_data = self._build(report=True)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, shuffle=True)
@@ -93,87 +128,199 @@ class SFTDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Prompts of the validation data (the training data without one), for `smolfactory predict`."""
         data = self.val_data if self.val_data is not None else self.train_data
-        return self._loader(data, shuffle=False, collate=prompt_collate)
+        collate = partial(prompt_collate, pad_token_id=self.tokenizer.pad_token_id)
+        return DataLoader(data, batch_size=self.hparams.batch_size, collate_fn=collate)
 
-    def _loader(self, data: datasets.Dataset, shuffle: bool, collate: Callable = pad_collate) -> DataLoader:
-        return DataLoader(
-            data,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-            num_workers=self.hparams.num_workers,
-        )
+    def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
+        batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
+        if self.hparams.packing:
+            packed = PackedDataset(data, self.hparams.max_length)
+            return DataLoader(packed, batch_size, shuffle=shuffle, collate_fn=packed_collate, num_workers=workers)
+        collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
+        if self.hparams.group_by_length and shuffle:
+            sampler = LengthGroupedBatchSampler(RandomSampler(data), batch_size, False, data["length"])
+            return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+        sampler = RandomSampler(data) if shuffle else SequentialSampler(data)
+        return DataLoader(data, batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
 
-    def _split(self, data: datasets.Dataset, source: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    def _build(self, report: bool = False) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """Tokenize every dataset and return (train, validation)."""
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        if self.hparams.chat_template:
+            self.tokenizer.chat_template = resolve_chat_template(self.hparams.chat_template)
+        sources = self.sources
+        train = datasets.concatenate_datasets([self._mixed(self._tokenize(s, report), s) for s in sources])
+        validation = self.hparams.validation_dataset
+        if validation:
+            spec = _as_source(validation, split="validation")
+            return train, self._tokenize(spec, report)
+        builtin = sources[0].path
+        if len(sources) == 1 and builtin.startswith(BUILTIN_PREFIX):  # built-in data ships a held-out split
+            if "validation" in BUILTIN_DATASETS.get(builtin[len(BUILTIN_PREFIX) :], {}):
+                return train, self._tokenize(DatasetSource(builtin, split="validation"), report)
+        if self.hparams.val_split == 0:
+            return train, None
+        return self._split(train)
+
+    def _split(self, data: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
         val_split = self.hparams.val_split
         if len(data) - math.ceil(len(data) * val_split) < 1:
             raise SmolFactoryError(
-                f"dataset {source} has {len(data)} usable rows, too few to hold out data.val_split={val_split}; "
+                f"the training data has {len(data)} usable examples, too few to hold out data.val_split={val_split}; "
                 "set data.val_split: 0 or give data.validation_dataset"
             )
         split = data.train_test_split(test_size=val_split, seed=self.hparams.seed)
         return split["train"], split["test"]
 
-    def _tokenize(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
-        """Render, tokenize and mask every row (numbered as in the file), then drop rows with nothing to train."""
-        column = self.hparams.messages_column
-        if column not in rows.column_names:
+    def _mixed(self, data: datasets.Dataset, source: DatasetSource) -> datasets.Dataset:
+        """The dataset resampled to its mixing share: whole repeats, then a seeded sample of the remainder."""
+        if source.num_samples is None and source.weight is None:
+            return data
+        count = source.num_samples if source.num_samples is not None else max(1, round(source.weight * len(data)))
+        repeats, remainder = divmod(count, len(data))
+        rest = random.Random(self.hparams.seed).sample(range(len(data)), remainder)
+        return data.select([*range(len(data))] * repeats + sorted(rest))
+
+    def _tokenize(self, source: DatasetSource, report: bool) -> datasets.Dataset:
+        """Read, render, tokenize and fit every row of one dataset; rows are numbered from 1, as in the file."""
+        rows = load_rows(source)
+        columns = source.columns if source.columns is not None else self.hparams.columns or {}
+        layout = source.format or self.hparams.format
+        try:
+            layout = detect_format(rows.column_names, columns) if layout == "auto" else layout
+        except RowError as error:
+            raise SmolFactoryError(f"dataset {source.path}: {error}") from error
+        if layout in ("messages", "sharegpt", "alpaca") and not self.tokenizer.chat_template:
             raise SmolFactoryError(
-                f"dataset {source} has columns {rows.column_names} but no '{column}' column of "
-                f"{{role, content}} messages; rename the column or set data.messages_column"
+                f"the tokenizer of {self.hparams.tokenizer} has no chat template for the {layout} rows of "
+                f"{source.path}; set data.chat_template (for instance chatml)"
             )
-        # datasets fingerprints the mapped function but not the code it calls: include our code and the
-        # tokenizer explicitly, so a change to masking never reuses stale cached labels.
-        fingerprint = Hasher.hash(
-            (rows._fingerprint, _PIPELINE_SOURCE, Hasher.hash(self.tokenizer), column, self.hparams.max_length)
+        settings = RowSettings(
+            format=layout,
+            columns=columns,
+            system_prompt=self.hparams.system_prompt,
+            template_kwargs=self.hparams.chat_template_kwargs,
+            train_on=self.hparams.train_on,
+            max_length=self.hparams.max_length,
+            overlong=self.hparams.overlong,
+            on_bad_row=self.hparams.on_bad_row,
         )
+        # datasets fingerprints the mapped function but not the code it calls: include our code and the
+        # tokenizer (with its chat template) explicitly, so a change to masking never reuses stale labels.
+        fingerprint = Hasher.hash((rows._fingerprint, _PIPELINE_SOURCE, Hasher.hash(self.tokenizer), settings))
         tokenized = rows.map(
-            partial(
-                _tokenize_row,
-                tokenizer=self.tokenizer,
-                column=column,
-                max_length=self.hparams.max_length,
-                source=source,
-            ),
+            partial(tokenize_rows, tokenizer=self.tokenizer, settings=settings, source=source.path),
+            batched=True,
+            batch_size=256,
             with_indices=True,
             remove_columns=rows.column_names,
             new_fingerprint=fingerprint,
-            desc=f"Tokenizing {source}",
+            num_proc=self.hparams.num_proc,
+            desc=f"Tokenizing {source.path}",
         )
-        trainable = tokenized.filter(lambda example: example["num_trained"] > 0, desc="Dropping empty rows")
-        truncated = sum(tokenized["truncated"])
-        dropped = len(tokenized) - len(trainable)
-        rank_zero_info(
-            f"{source}: {len(trainable)} examples ({truncated} truncated to {self.hparams.max_length} tokens, "
-            f"{dropped} dropped with nothing left to train)"
-        )
-        if len(trainable) == 0:
-            raise SmolFactoryError(f"dataset {source} has no example with a trained token; raise data.max_length")
-        return trainable.select_columns(["input_ids", "labels"])
+        examples = tokenized.filter(lambda n: n > 0, input_columns="num_trained", num_proc=self.hparams.num_proc)
+        summary = summarize(tokenized, len(rows), len(examples))
+        if report:
+            self.summaries[f"{source.path}:{source.split}"] = summary
+            rank_zero_info(_summary_line(source, summary, self.hparams.max_length))
+        if len(examples) == 0:
+            raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
+        return examples.select_columns(["input_ids", "labels", "length"])
 
 
-def _tokenize_row(
-    row: dict[str, Any],
-    index: int,
-    tokenizer: PreTrainedTokenizerBase,
-    column: str,
-    max_length: int,
-    source: str,
-) -> dict[str, Any]:
-    try:
-        messages = row_to_messages(row, column)
-        full = tokenize_conversation(tokenizer, messages)
-    except (RowError, TemplateError) as error:
-        # Rows count from 1, as the lines of a .jsonl file do.
-        raise SmolFactoryError(f"{source}, row {index + 1}: {error}; fix or remove the row") from error
-    input_ids, labels = full["input_ids"][:max_length], full["labels"][:max_length]
+@dataclass(frozen=True)
+class RowSettings:
+    """Everything that decides how a row becomes examples (and so part of the cache fingerprint)."""
+
+    format: str
+    columns: dict[str, str]
+    system_prompt: str | None
+    template_kwargs: dict[str, Any] | None
+    train_on: str
+    max_length: int
+    overlong: str
+    on_bad_row: str
+
+
+def tokenize_rows(
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, settings: RowSettings, source: str
+) -> dict[str, list]:
+    """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row."""
+    out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "num_trained", "status")}
+
+    def add(input_ids: list[int], labels: list[int], status: str) -> None:
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["length"].append(len(input_ids))
+        out["num_trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        out["status"].append(status)
+
+    for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+        row = dict(zip(batch, values, strict=True))
+        try:
+            example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
+            sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
+            pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
+            if settings.overlong != "drop" and not pieces:
+                raise RowError(f"nothing is left to train after truncation to {settings.max_length} tokens")
+        except (RowError, TemplateError) as error:
+            problem = f"{source}, row {index + 1}: {error}"
+            if settings.on_bad_row == "error":
+                raise SmolFactoryError(f"{problem}; fix or remove the row, or set data.on_bad_row: skip") from error
+            add([], [], f"skipped: {problem}")
+            continue
+        if not pieces:
+            add([], [], "dropped")
+        longest = max(len(sequence["input_ids"]) for sequence in sequences)
+        for input_ids, labels in pieces:
+            add(input_ids, labels, "truncated" if longest > settings.max_length else "")
+    return out
+
+
+def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tuple[list[int], list[int]]]:
+    """The sequence cut to ``max_length`` as ``settings.overlong`` says; pieces with no trained token are left out."""
+    input_ids, labels, limit = sequence["input_ids"], sequence["labels"], settings.max_length
+    if len(input_ids) <= limit:
+        pieces = [(input_ids, labels)]
+    elif settings.overlong == "drop":
+        return []
+    elif settings.overlong == "truncate":
+        pieces = [(input_ids[:limit], labels[:limit])]
+    else:
+        pieces = [(input_ids[i : i + limit], labels[i : i + limit]) for i in range(0, len(input_ids), limit)]
+    return [(ids, lab) for ids, lab in pieces if any(label != IGNORE_INDEX for label in lab[1:])]
+
+
+def summarize(tokenized: datasets.Dataset, rows: int, examples: int) -> dict[str, Any]:
+    """Counts of a tokenized dataset: rows read, examples kept, truncated, dropped and skipped rows."""
+    status = tokenized["status"]
+    skipped = [s.removeprefix("skipped: ") for s in status if s.startswith("skipped")]
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "truncated": len(full["input_ids"]) > max_length,
-        "num_trained": sum(label != IGNORE_INDEX for label in labels[1:]),
+        "rows": rows,
+        "examples": examples,
+        "truncated": status.count("truncated"),
+        "dropped": status.count("dropped"),
+        "skipped": len(skipped),
+        "skipped_first": skipped[:3],
     }
 
 
+def _summary_line(source: DatasetSource, summary: dict[str, Any], max_length: int) -> str:
+    line = (
+        f"{source.path} [{source.split}]: {summary['rows']} rows -> {summary['examples']} examples "
+        f"({summary['truncated']} truncated to {max_length} tokens, {summary['dropped']} over-long dropped, "
+        f"{summary['skipped']} bad rows skipped)"
+    )
+    return line + "".join(f"\n  skipped {problem}" for problem in summary["skipped_first"])
+
+
+def _as_source(item: str | DatasetSource | dict, split: str = "train") -> DatasetSource:
+    if isinstance(item, DatasetSource):
+        return item
+    if isinstance(item, dict):  # LightningCLI hands hparams over as plain dicts
+        return DatasetSource(**item)
+    return DatasetSource(item, split=split)
+
+
 # The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
-_PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, _tokenize_row))
+_PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, tokenize_rows, fit_length))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -17,6 +18,34 @@ BUILTIN_DATASETS = {
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """One dataset to train on, and how much of it."""
+
+    path: str
+    """Hub dataset id, local json/jsonl/parquet/csv file, or builtin:quickstart."""
+    name: str | None = None
+    """Hub dataset configuration (subset) name."""
+    split: str = "train"
+    """Split to read (Hub datasets; local files have one split)."""
+    revision: str | None = None
+    """Hub dataset revision: a branch, tag or commit."""
+    format: str | None = None
+    """Row layout of this dataset; null uses data.format."""
+    columns: dict[str, str] | None = None
+    """Column renames of this dataset; null uses data.columns."""
+    weight: float | None = None
+    """Mixing weight: the dataset contributes weight x its examples (0.5 half of them, 2 each one twice)."""
+    num_samples: int | None = None
+    """Mixing by count: exactly this many examples from the dataset, repeating it if needed."""
+
+    def __post_init__(self) -> None:
+        if (self.weight is not None and self.weight <= 0) or (self.num_samples is not None and self.num_samples < 1):
+            raise SmolFactoryError(f"dataset {self.path}: weight must be > 0 and num_samples >= 1")
+        if self.weight is not None and self.num_samples is not None:
+            raise SmolFactoryError(f"dataset {self.path}: give weight or num_samples, not both")
+
+
 def builtin_split_path(name: str, split: str) -> Path:
     """The packaged file of a built-in dataset's split."""
     relative = BUILTIN_DATASETS[name].get(split)
@@ -25,8 +54,9 @@ def builtin_split_path(name: str, split: str) -> Path:
     return Path(str(files("smolfactory.data").joinpath(relative)))
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+def load_rows(spec: DatasetSource) -> datasets.Dataset:
     """Load one split of a dataset as a ``datasets.Dataset``, with a one-line error when that fails."""
+    source, split = spec.path, spec.split
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
@@ -41,7 +71,7 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
             )
         return _load_file(path)
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, spec.name, split=split, revision=spec.revision)
     except Exception as error:  # datasets raises many types for a missing or unreachable dataset
         raise SmolFactoryError(
             f"could not load dataset '{source}' split '{split}' ({first_line(error)}); give a local "

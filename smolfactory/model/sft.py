@@ -101,16 +101,42 @@ class CausalLMModule(L.LightningModule):
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained."""
         decoder = self.causal_lm.get_decoder()
+        # Packed batches carry position_ids and no attention_mask: transformers then keeps examples apart.
         hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
         ).last_hidden_state
         return label_token_loss(hidden, self.causal_lm.get_output_embeddings(), batch["labels"])
 
+    def on_train_start(self) -> None:
+        self._step_totals = torch.zeros(2, device=self.device)  # (summed loss, label tokens) since the last step
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The summed loss of the micro-batch; ``on_before_optimizer_step`` turns the step's sums into a mean."""
         loss_sum, num_tokens = self.loss_terms(batch)
-        loss = loss_sum / num_tokens.clamp(min=1)
-        self.log("train_loss", loss, prog_bar=True, batch_size=int(num_tokens))
-        return loss
+        self._step_totals += torch.stack([loss_sum.detach(), num_tokens.to(loss_sum.dtype)])
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the gradient that of the mean loss over every label token of the step, on every rank.
+
+        Each micro-batch's backward ran on its summed loss divided by ``accumulate_grad_batches`` (Lightning
+        does that division), and DDP/FSDP average gradients over ranks. Multiplying by
+        ``accumulate_grad_batches * world_size / tokens`` leaves sum-of-losses / tokens-of-the-step, so a
+        micro-batch counts by its tokens, never as one equal share of a mean of means. Gradient clipping
+        runs after this hook, on the normalised gradient.
+        """
+        loss_sum, tokens = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
+        tokens = tokens.clamp(min=1)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+        self.log("train_loss", loss_sum / tokens, prog_bar=True)
+        self.log("train_tokens", tokens, reduce_fx="sum", on_step=False, on_epoch=True)
+        self._step_totals.zero_()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._log_eval_loss("val_loss", batch)
