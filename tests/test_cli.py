@@ -154,3 +154,18 @@ def test_console_script_prints_no_traceback(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "bad.jsonl, row 1: the conversation has no assistant turn" in last
     assert last.endswith("fix or remove the row, or set data.on_bad_row: skip")
+
+
+def test_preview_marks_the_trained_tokens_and_prints_statistics(tmp_path, tiny_model_dir, capsys):
+    main(["preview", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), "--num_examples=2"])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in builtin_split_path("quickstart", "train").read_text().splitlines()[:2]]
+    for row in rows:  # each assistant turn of the first examples appears marked, with its end-of-turn token
+        for message in row["messages"]:
+            if message["role"] == "assistant":
+                assert f"[[{message['content']}<|im_end|>]]" in printed
+            else:
+                assert f"[[{message['content']}" not in printed
+    assert "--- example 2 of 228" in printed and "--- example 3" not in printed
+    for statistic in ("tokens per example: p50", "tokens trained:", "packing (data.packing: true):", "padding"):
+        assert statistic in printed

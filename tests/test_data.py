@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from smolfactory.data import SFTDataModule, sft
+from smolfactory.data import SFTDataModule, sft, sources
 from smolfactory.data.collate import pad_collate, prompt_collate
-from smolfactory.data.sources import builtin_split_path
+from smolfactory.data.sources import DatasetSource, builtin_split_path
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
 from tests.conftest import chat, write_jsonl
@@ -194,3 +194,98 @@ def test_quickstart_evaluation_prompts_are_worded_unlike_the_training_data():
         words = normalise(prompt)
         # No training question appears inside an evaluation prompt, nor the other way round.
         assert not any(turn in words or words in turn for turn in user_turns if len(turn.split()) >= 3), prompt
+
+
+def test_datasets_mix_by_weight_and_by_count(tiny_model_dir, tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [chat(f"A question {i}?", f"A{i}.") for i in range(10)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"B task {i}", "output": f"B{i}."} for i in range(4)])
+    datamodule = SFTDataModule(
+        tokenizer=tiny_model_dir,
+        dataset=[DatasetSource(str(first), weight=0.5), DatasetSource(str(second), num_samples=10)],
+        val_split=0,
+    )
+    datamodule.setup("fit")
+    texts = [datamodule.tokenizer.decode(ids) for ids in datamodule.train_data["input_ids"]]
+    from_first = [t for t in texts if "A question" in t]
+    from_second = [t for t in texts if "B task" in t]
+    assert (len(from_first), len(from_second)) == (5, 10)
+    assert len(set(from_first)) == 5  # half of the first dataset, no repeats
+    counts = sorted(sum(f"B task {i}<" in t for t in from_second) for i in range(4))
+    assert counts == [2, 2, 3, 3]  # the second dataset twice over, plus two more of its rows
+
+
+def test_tokenization_runs_once_then_comes_from_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """prepare_data (rank 0 only under DDP) tokenizes; setup, and any later run, reads the cache."""
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"Q{i}", f"A{i}") for i in range(8)])
+    calls = []
+    real = sft.tokenize_rows
+
+    def counting(batch, *args, **kwargs):
+        calls.append(len(batch["messages"]))
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "tokenize_rows", counting)
+    datamodule = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0)
+    datamodule.prepare_data()
+    assert sum(calls) == 8
+    datamodule.setup("fit")
+    make_datamodule(tiny_model_dir, path, val_split=0)
+    assert sum(calls) == 8 and len(datamodule.train_data) == 8
+
+
+def test_tokenizing_with_several_processes_gives_the_same_examples(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"Question {i}?", "Answer " * i) for i in range(1, 21)])
+    one = make_datamodule(tiny_model_dir, path, val_split=0, on_bad_row="skip").train_data
+    two = make_datamodule(tiny_model_dir, path, val_split=0, on_bad_row="skip", num_proc=2).train_data
+    assert two["input_ids"] == one["input_ids"] and two["labels"] == one["labels"]
+
+
+def test_hub_datasets_take_name_split_and_revision(monkeypatch):
+    seen = {}
+
+    def fake_load_dataset(path, name=None, split=None, revision=None, **kwargs):
+        seen.update(path=path, name=name, split=split, revision=revision)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    spec = DatasetSource("org/chats", name="en", split="train_sft", revision="v1.0")
+    with pytest.raises(SmolFactoryError, match=r"could not load dataset 'org/chats' split 'train_sft' \(offline\)"):
+        sources.load_rows(spec)
+    assert seen == {"path": "org/chats", "name": "en", "split": "train_sft", "revision": "v1.0"}
+
+
+def test_streaming_gives_the_examples_of_the_prepared_dataset(tiny_model_dir, tmp_path):
+    rows = [chat(f"Question {i}?", "Answer " * i) for i in range(1, 30)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64)
+    streamed = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64, streaming=True)
+    assert [example["input_ids"] for example in streamed.train_data] == prepared.train_data["input_ids"]
+    # Shuffled and batched lazily: every example once per pass.
+    batches = list(streamed.train_dataloader())
+    seen = sorted(
+        ids[mask.bool()].tolist()
+        for batch in batches
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    )
+    assert seen == sorted(prepared.train_data["input_ids"])
+
+
+def test_streaming_packs_and_trains_for_max_steps(tiny_model_dir, tmp_path):
+    import lightning as L
+
+    from smolfactory import CausalLMModule
+
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"Question {i}?", "Answer " * i) for i in range(1, 30)])
+    datamodule = SFTDataModule(
+        tokenizer=tiny_model_dir, dataset=str(path), max_length=128, packing=True, streaming=True, batch_size=2
+    )
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    lengths = sum(example["length"] for example in datamodule.train_data)
+    assert sum(batch["input_ids"].numel() for batch in batches) == lengths
+    assert all("position_ids" in batch and "attention_mask" not in batch for batch in batches)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=None), datamodule=datamodule)
+    assert trainer.global_step == 3

@@ -8,9 +8,9 @@ boundaries from the position ids and no example attends to another (sdpa, eager 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from torch.utils.data import BatchSampler, Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, IterableDataset, Sampler
 
 
 def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -47,6 +47,26 @@ class PackedDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[dict[str, list[int]]]:
         return [self.examples[i] for i in self.rows[index]]
+
+
+class PackedStream(IterableDataset):
+    """Packed rows from a stream of examples: best-fit decreasing within each buffer of ``buffer_size`` examples."""
+
+    def __init__(self, examples: Iterable[dict], capacity: int, buffer_size: int = 1000) -> None:
+        self.examples, self.capacity, self.buffer_size = examples, capacity, buffer_size
+
+    def __iter__(self) -> Iterator[list[dict[str, list[int]]]]:
+        buffer: list[dict] = []
+        for example in self.examples:
+            buffer.append(example)
+            if len(buffer) == self.buffer_size:
+                yield from self._rows(buffer)
+                buffer = []
+        yield from self._rows(buffer)
+
+    def _rows(self, buffer: list[dict]) -> Iterator[list[dict[str, list[int]]]]:
+        for row in pack_examples([example["length"] for example in buffer], self.capacity):
+            yield [buffer[i] for i in row]
 
 
 class LengthGroupedBatchSampler(BatchSampler):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import islice
 
+import datasets
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset
@@ -12,12 +14,15 @@ from smolfactory.data.sft import SFTDataModule
 from smolfactory.model.loss import IGNORE_INDEX
 
 TRAINED_ON, TRAINED_OFF = "\033[42;30m", "\033[0m"  # green background, as on a terminal
+STREAM_SAMPLE = 1000
 
 
 def preview(datamodule: SFTDataModule, num_examples: int = 3, color: bool = False) -> str:
     """Examples of the training data with trained tokens marked, then statistics of the prepared data."""
     datamodule.setup("fit")
     data, tokenizer = datamodule.train_data, datamodule.tokenizer
+    if isinstance(data, datasets.IterableDataset):  # a stream: look at its first examples
+        data = datasets.Dataset.from_list(list(islice(data, STREAM_SAMPLE)))
     marks = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
     parts = [f"Trained tokens are marked {marks[0]}like this{marks[1]}.\n"]
     for index in range(min(num_examples, len(data))):
@@ -25,7 +30,9 @@ def preview(datamodule: SFTDataModule, num_examples: int = 3, color: bool = Fals
         parts.append(f"--- example {index + 1} of {len(data)} ({len(example['input_ids'])} tokens) ---")
         parts.append(mark_trained(tokenizer, example["input_ids"], example["labels"], marks))
     parts.append("--- statistics ---")
-    parts += statistics_lines(datamodule)
+    if datamodule.hparams.streaming:
+        parts.append(f"(streaming: statistics of the first {len(data)} examples)")
+    parts += statistics_lines(datamodule, data)
     return "\n".join(parts)
 
 
@@ -52,9 +59,9 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, ids: list[int], trained: bool, 
     return f"{marks[0]}{text}{marks[1]}" if trained else text
 
 
-def statistics_lines(datamodule: SFTDataModule) -> list[str]:
-    """Rows, token-length percentiles, share of tokens trained, and packing or padding efficiency."""
-    hparams, data = datamodule.hparams, datamodule.train_data
+def statistics_lines(datamodule: SFTDataModule, data: datasets.Dataset) -> list[str]:
+    """Rows, token-length percentiles, share of tokens trained, and packing or padding efficiency of ``data``."""
+    hparams = datamodule.hparams
     lines = []
     for name, summary in datamodule.summaries.items():
         lines.append(
@@ -62,8 +69,8 @@ def statistics_lines(datamodule: SFTDataModule) -> list[str]:
             f"{summary['dropped']} dropped, {summary['skipped']} bad rows skipped"
         )
     lengths = sorted(data["length"])
-    validation = len(datamodule.val_data) if datamodule.val_data is not None else 0
-    lines.append(f"training examples: {len(data)}, validation examples: {validation}")
+    if isinstance(datamodule.val_data, datasets.Dataset):
+        lines.append(f"training examples: {len(data)}, validation examples: {len(datamodule.val_data)}")
     percentiles = ", ".join(f"p{p} {lengths[math.ceil(p / 100 * len(lengths)) - 1]}" for p in (50, 90, 99))
     lines.append(f"tokens per example: {percentiles}, max {lengths[-1]}, total {sum(lengths)}")
     trained = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in data["labels"])
@@ -71,15 +78,15 @@ def statistics_lines(datamodule: SFTDataModule) -> list[str]:
     rows = len(PackedDataset(data, hparams.max_length))
     packed = sum(lengths) / (rows * hparams.max_length)
     lines.append(f"packing (data.packing: true): {rows} rows of {hparams.max_length} tokens, {packed:.1%} filled")
-    lines.append(f"padding (data.packing: false), batches of {hparams.batch_size}: {_padding_efficiency(datamodule)}")
+    padding = _padding_efficiency(data["length"], hparams.batch_size, hparams.seed)
+    lines.append(f"padding (data.packing: false), batches of {hparams.batch_size}: {padding}")
     return lines
 
 
-def _padding_efficiency(datamodule: SFTDataModule) -> str:
+def _padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> str:
     """Share of real tokens in padded batches, for a shuffled epoch and for group_by_length."""
-    lengths, batch_size = datamodule.train_data["length"], datamodule.hparams.batch_size
     order = list(range(len(lengths)))
-    random.Random(datamodule.hparams.seed).shuffle(order)
+    random.Random(seed).shuffle(order)
     grouped = LengthGroupedBatchSampler(order, batch_size, False, lengths)
     shuffled = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

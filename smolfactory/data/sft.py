@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import datasets
 import lightning as L
+from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
@@ -25,13 +26,14 @@ from transformers import PreTrainedTokenizerBase
 from smolfactory.data import formats, templates
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
 from smolfactory.data.formats import Format, RowError, detect_format, row_to_example
-from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset
+from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset, PackedStream
 from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
 from smolfactory.data.templates import TemplateError, TrainOn, resolve_chat_template, tokenize_example
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loading import BUILTIN_PREFIX, DEFAULT_MODEL, load_tokenizer
 from smolfactory.model.loss import IGNORE_INDEX
 
+EXAMPLE_COLUMNS = ["input_ids", "labels", "length"]
 Overlong = Literal["truncate", "drop", "split"]
 BadRowPolicy = Literal["error", "skip"]
 
@@ -56,6 +58,7 @@ class SFTDataModule(L.LightningDataModule):
         packing: bool = False,
         group_by_length: bool = False,
         on_bad_row: BadRowPolicy = "error",
+        streaming: bool = False,
         batch_size: int = 4,
         num_workers: int = 0,
         num_proc: int | None = None,
@@ -80,6 +83,8 @@ class SFTDataModule(L.LightningDataModule):
             packing: Pack examples into padding-free rows of max_length tokens (best-fit decreasing).
             group_by_length: Without packing, batch examples of similar length to cut padding.
             on_bad_row: A malformed row stops with an error naming it, or is skipped and counted.
+            streaming: Read and tokenize rows lazily while training, for data larger than memory. Needs
+                trainer.max_steps; validation comes only from validation_dataset; weights become sampling odds.
             batch_size: Examples per micro-batch (packed rows per micro-batch with packing).
             num_workers: DataLoader worker processes.
             num_proc: Processes that tokenize the dataset (datasets.map); null tokenizes in this process.
@@ -92,6 +97,8 @@ class SFTDataModule(L.LightningDataModule):
             raise SmolFactoryError(
                 f"data.max_length must be >= 2 and data.batch_size >= 1, got {max_length}, {batch_size}"
             )
+        if streaming and group_by_length:
+            raise SmolFactoryError("data.group_by_length needs the whole dataset; it does not work with data.streaming")
         if packing and group_by_length:
             raise SmolFactoryError("set data.packing or data.group_by_length, not both: packed rows have no padding")
         self.save_hyperparameters()
@@ -109,17 +116,23 @@ class SFTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node before setup: the other ranks then load the
         # tokenized data from the datasets cache instead of tokenizing it again.
-        self._build()
+        if not self.hparams.streaming:
+            self._build()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is None:
-            self.train_data, self.val_data = self._build(report=True)
+            build = self._build_stream if self.hparams.streaming else self._build
+            self.train_data, self.val_data = build(report=True)
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.streaming:
+            return self._stream_loader(self.train_data.shuffle(seed=self.hparams.seed, buffer_size=10_000))
         return self._loader(self.train_data, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, shuffle=False) if self.val_data is not None else []
+        if self.val_data is None:
+            return []
+        return self._stream_loader(self.val_data) if self.hparams.streaming else self._loader(self.val_data, False)
 
     def test_dataloader(self) -> DataLoader:
         """The validation data: `smolfactory test` reports the held-out loss of a checkpoint."""
@@ -143,11 +156,47 @@ class SFTDataModule(L.LightningDataModule):
         sampler = RandomSampler(data) if shuffle else SequentialSampler(data)
         return DataLoader(data, batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
 
-    def _build(self, report: bool = False) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-        """Tokenize every dataset and return (train, validation)."""
+    def _stream_loader(self, data: datasets.IterableDataset) -> DataLoader:
+        if self.trainer is not None and self.trainer.world_size > 1:  # each rank reads its own share of rows
+            data = split_dataset_by_node(data, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
+        if self.hparams.packing:
+            packed = PackedStream(data, self.hparams.max_length)
+            return DataLoader(packed, batch_size, collate_fn=packed_collate, num_workers=workers)
+        collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
+        return DataLoader(data, batch_size, collate_fn=collate, num_workers=workers)
+
+    def _load_tokenizer(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         if self.hparams.chat_template:
             self.tokenizer.chat_template = resolve_chat_template(self.hparams.chat_template)
+
+    def _build_stream(self, report: bool = False) -> tuple[datasets.IterableDataset, datasets.IterableDataset | None]:
+        """Lazily tokenized (train, validation) streams; weights become the odds of drawing from each dataset."""
+        self._load_tokenizer()
+        streams = []
+        for source in self.sources:
+            stream = self._tokenize(source, report, streaming=True)
+            streams.append(stream.take(source.num_samples) if source.num_samples is not None else stream)
+        if len(streams) == 1:
+            train = streams[0]
+        elif any(source.weight is not None for source in self.sources):
+            weights = [source.weight or 1.0 for source in self.sources]
+            odds = [weight / sum(weights) for weight in weights]
+            train = datasets.interleave_datasets(
+                streams, probabilities=odds, seed=self.hparams.seed, stopping_strategy="all_exhausted"
+            )
+        else:
+            train = datasets.concatenate_datasets(streams)
+        validation = self.hparams.validation_dataset
+        if not validation:
+            rank_zero_info("data.streaming: no validation_dataset, so no validation (val_split needs all the data)")
+            return train, None
+        return train, self._tokenize(_as_source(validation, split="validation"), report, streaming=True)
+
+    def _build(self, report: bool = False) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+        """Tokenize every dataset and return (train, validation)."""
+        self._load_tokenizer()
         sources = self.sources
         train = datasets.concatenate_datasets([self._mixed(self._tokenize(s, report), s) for s in sources])
         validation = self.hparams.validation_dataset
@@ -181,13 +230,15 @@ class SFTDataModule(L.LightningDataModule):
         rest = random.Random(self.hparams.seed).sample(range(len(data)), remainder)
         return data.select([*range(len(data))] * repeats + sorted(rest))
 
-    def _tokenize(self, source: DatasetSource, report: bool) -> datasets.Dataset:
+    def _tokenize(self, source: DatasetSource, report: bool, streaming: bool = False) -> datasets.Dataset:
         """Read, render, tokenize and fit every row of one dataset; rows are numbered from 1, as in the file."""
-        rows = load_rows(source)
+        rows = load_rows(source, streaming)
+        # A streamed json file may not know its columns before it is read: the first row tells.
+        column_names = rows.column_names or list(next(iter(rows)))
         columns = source.columns if source.columns is not None else self.hparams.columns or {}
         layout = source.format or self.hparams.format
         try:
-            layout = detect_format(rows.column_names, columns) if layout == "auto" else layout
+            layout = detect_format(column_names, columns) if layout == "auto" else layout
         except RowError as error:
             raise SmolFactoryError(f"dataset {source.path}: {error}") from error
         if layout in ("messages", "sharegpt", "alpaca") and not self.tokenizer.chat_template:
@@ -205,15 +256,19 @@ class SFTDataModule(L.LightningDataModule):
             overlong=self.hparams.overlong,
             on_bad_row=self.hparams.on_bad_row,
         )
+        function = partial(tokenize_rows, tokenizer=self.tokenizer, settings=settings, source=source.path)
+        if streaming:
+            stream = rows.map(function, batched=True, batch_size=256, with_indices=True, remove_columns=column_names)
+            return stream.filter(lambda n: n > 0, input_columns="num_trained").select_columns(EXAMPLE_COLUMNS)
         # datasets fingerprints the mapped function but not the code it calls: include our code and the
         # tokenizer (with its chat template) explicitly, so a change to masking never reuses stale labels.
         fingerprint = Hasher.hash((rows._fingerprint, _PIPELINE_SOURCE, Hasher.hash(self.tokenizer), settings))
         tokenized = rows.map(
-            partial(tokenize_rows, tokenizer=self.tokenizer, settings=settings, source=source.path),
+            function,
             batched=True,
             batch_size=256,
             with_indices=True,
-            remove_columns=rows.column_names,
+            remove_columns=column_names,
             new_fingerprint=fingerprint,
             num_proc=self.hparams.num_proc,
             desc=f"Tokenizing {source.path}",
@@ -225,7 +280,7 @@ class SFTDataModule(L.LightningDataModule):
             rank_zero_info(_summary_line(source, summary, self.hparams.max_length))
         if len(examples) == 0:
             raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
-        return examples.select_columns(["input_ids", "labels", "length"])
+        return examples.select_columns(EXAMPLE_COLUMNS)
 
 
 @dataclass(frozen=True)

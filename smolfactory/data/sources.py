@@ -54,24 +54,24 @@ def builtin_split_path(name: str, split: str) -> Path:
     return Path(str(files("smolfactory.data").joinpath(relative)))
 
 
-def load_rows(spec: DatasetSource) -> datasets.Dataset:
-    """Load one split of a dataset as a ``datasets.Dataset``, with a one-line error when that fails."""
+def load_rows(spec: DatasetSource, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split of a dataset (lazily with ``streaming``), with a one-line error when that fails."""
     source, split = spec.path, spec.split
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
             known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
             raise SmolFactoryError(f"unknown built-in dataset '{source}'; known: {known}")
-        return _load_file(builtin_split_path(name, split))
+        return _load_file(builtin_split_path(name, split), streaming)
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_LOADERS or path.exists():
         if not path.is_file():
             raise SmolFactoryError(
                 f"dataset file not found: {source} (cwd {Path.cwd()}); check data.dataset, or give a Hub id"
             )
-        return _load_file(path)
+        return _load_file(path, streaming)
     try:
-        return datasets.load_dataset(source, spec.name, split=split, revision=spec.revision)
+        return datasets.load_dataset(source, spec.name, split=split, revision=spec.revision, streaming=streaming)
     except Exception as error:  # datasets raises many types for a missing or unreachable dataset
         raise SmolFactoryError(
             f"could not load dataset '{source}' split '{split}' ({first_line(error)}); give a local "
@@ -79,12 +79,12 @@ def load_rows(spec: DatasetSource) -> datasets.Dataset:
         ) from error
 
 
-def _load_file(path: Path) -> datasets.Dataset:
+def _load_file(path: Path, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise SmolFactoryError(f"dataset file {path} has an unknown type; use one of {', '.join(FILE_LOADERS)}")
     try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train")
+        return datasets.load_dataset(loader, data_files=str(path), split="train", streaming=streaming)
     except Exception as error:
         raise SmolFactoryError(
             f"could not read dataset file {path} ({first_line(error)}); check that it is valid {loader}"
