@@ -169,3 +169,29 @@ def test_preview_marks_the_trained_tokens_and_prints_statistics(tmp_path, tiny_m
     assert "--- example 2 of 228" in printed and "--- example 3" not in printed
     for statistic in ("tokens per example: p50", "tokens trained:", "packing (data.packing: true):", "padding"):
         assert statistic in printed
+
+
+def test_a_yaml_list_of_sources_mixes_datasets(tmp_path, tiny_model_dir):
+    first = tmp_path / "a.jsonl"
+    first.write_text("".join(json.dumps({"text": f"Document {i}."}) + "\n" for i in range(6)))
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "dataset": [
+                        {"path": str(first), "weight": 0.5},
+                        {"path": "builtin:quickstart", "num_samples": 4, "format": "messages"},
+                    ],
+                    "val_split": 0,
+                    "packing": True,
+                }
+            }
+        )
+    )
+    args = ["--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), "--config", str(mix)]
+    cli = SmolFactoryCLI(args=args, run=False)
+    cli.datamodule.setup("fit")
+    texts = [cli.datamodule.tokenizer.decode(ids) for ids in cli.datamodule.train_data["input_ids"]]
+    assert sum(text.startswith("Document") for text in texts) == 3
+    assert sum("<|im_start|>" in text for text in texts) == 4

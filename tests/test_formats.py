@@ -197,3 +197,9 @@ def test_bad_rows_skipped_and_counted(tiny_model_dir, tmp_path):
     assert "row 3: message 1 has non-string content (int)" in summary["skipped_first"][1]
     # No example without a trained token ever reaches a batch.
     assert all(any(label != IGNORE_INDEX for label in labels[1:]) for labels in datamodule.train_data["labels"])
+
+
+def test_a_misspelt_column_rename_is_named(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello"}])
+    with pytest.raises(SmolFactoryError, match="renames instrution, which the alpaca layout does not read"):
+        datamodule_for(tiny_model_dir, path, format="alpaca", columns={"instrution": "question"})

@@ -38,6 +38,16 @@ REQUIRED_COLUMNS = {
 }
 
 
+# Every field each layout reads: the keys data.columns may rename.
+LAYOUT_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
 class RowError(ValueError):
     """A dataset row that cannot be turned into a trainable example."""
 
@@ -62,6 +72,16 @@ def detect_format(column_names: list[str], columns: dict[str, str]) -> str:
         f"cannot tell the dataset's format from its columns {column_names} (expected {layouts}); "
         "set data.format, or map your column names with data.columns"
     )
+
+
+def check_columns(format: str, columns: dict[str, str]) -> None:
+    """A RowError when ``columns`` renames a field that the layout does not read (a typo, usually)."""
+    unknown = sorted(set(columns) - set(LAYOUT_FIELDS[format]))
+    if unknown:
+        raise RowError(
+            f"data.columns renames {', '.join(unknown)}, which the {format} layout does not read "
+            f"(it reads {', '.join(LAYOUT_FIELDS[format])}); keys are layout fields, values your column names"
+        )
 
 
 def row_to_example(

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import formats, templates
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
-from smolfactory.data.formats import Format, RowError, detect_format, row_to_example
+from smolfactory.data.formats import Format, RowError, check_columns, detect_format, row_to_example
 from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset, PackedStream
 from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
 from smolfactory.data.templates import TemplateError, TrainOn, resolve_chat_template, tokenize_example
@@ -239,6 +239,7 @@ class SFTDataModule(L.LightningDataModule):
         layout = source.format or self.hparams.format
         try:
             layout = detect_format(column_names, columns) if layout == "auto" else layout
+            check_columns(layout, columns)
         except RowError as error:
             raise SmolFactoryError(f"dataset {source.path}: {error}") from error
         if layout in ("messages", "sharegpt", "alpaca") and not self.tokenizer.chat_template:

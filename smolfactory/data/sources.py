@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 
+from smolfactory.data.formats import Format
 from smolfactory.errors import SmolFactoryError, first_line
 from smolfactory.model.loading import BUILTIN_PREFIX
 
@@ -30,7 +31,7 @@ class DatasetSource:
     """Split to read (Hub datasets; local files have one split)."""
     revision: str | None = None
     """Hub dataset revision: a branch, tag or commit."""
-    format: str | None = None
+    format: Format | None = None
     """Row layout of this dataset; null uses data.format."""
     columns: dict[str, str] | None = None
     """Column renames of this dataset; null uses data.columns."""
