@@ -45,11 +45,14 @@ def test_pack_examples_docstring_example():
 
 
 def test_packed_collate_docstring_example():
-    rows = [[{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}]]
-    batch = packed_collate(rows)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
-    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    rows = [
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}],
+        [{"input_ids": [6, 7], "labels": [6, 7]}],
+    ]
+    batch = packed_collate(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert "attention_mask" not in batch
 
 
@@ -74,36 +77,41 @@ def ragged_rows():
     ]
 
 
-def test_packed_batches_hold_whole_examples_without_padding(tiny_model_dir, tmp_path, ragged_rows):
+def test_packed_batches_hold_whole_examples_in_rows_of_max_length(tiny_model_dir, tmp_path, ragged_rows):
     path = write_jsonl(tmp_path / "d.jsonl", ragged_rows)
-    datamodule = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, max_length=128, packing=True)
+    datamodule = SFTDataModule(
+        tokenizer=tiny_model_dir, dataset=str(path), val_split=0, max_length=128, packing=True, batch_size=2
+    )
     datamodule.setup("fit")
-    lengths = datamodule.train_data["length"]
+    data = datamodule.train_data
     batches = list(datamodule.train_dataloader())
     assert all(set(batch) == {"input_ids", "labels", "position_ids"} for batch in batches)
-    assert sum(batch["input_ids"].numel() for batch in batches) == sum(lengths)  # no padding token at all
-    starts = sorted(
-        int(length)
-        for batch in batches
-        for length in torch.diff(
-            torch.nonzero(batch["position_ids"][0] == 0).flatten(), append=torch.tensor([batch["input_ids"].shape[1]])
-        )
-    )
-    assert starts == sorted(lengths)  # each example keeps its own positions 0..length-1
+    assert all(batch["input_ids"].shape[1] <= 128 for batch in batches)
+    # Cut every row where its positions restart: the pieces are the examples, plus each short row's padding.
+    pieces = []
+    for batch in batches:
+        for ids, positions in zip(batch["input_ids"], batch["position_ids"], strict=True):
+            starts = [*torch.nonzero(positions == 0).flatten().tolist(), len(ids)]
+            pieces += [ids[a:b].tolist() for a, b in zip(starts, starts[1:], strict=False)]
+    examples = [piece for piece in pieces if piece in data["input_ids"]]
+    assert sorted(examples) == sorted(data["input_ids"])  # every example exactly once, whole
+    padding = [piece for piece in pieces if piece not in data["input_ids"]]
+    assert all(set(piece) == {datamodule.tokenizer.pad_token_id} for piece in padding)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model_dir, tmp_path, ragged_rows, attention):
     path = write_jsonl(tmp_path / "d.jsonl", ragged_rows)
     datamodule = SFTDataModule(
-        tokenizer=tiny_model_dir, dataset=str(path), val_split=0, max_length=256, packing=True, batch_size=8
+        tokenizer=tiny_model_dir, dataset=str(path), val_split=0, max_length=160, packing=True, batch_size=8
     )
     datamodule.setup("fit")
     module = CausalLMModule(model_name=tiny_model_dir, lora=None, attn_implementation=attention)
     module.configure_model()
     module.eval()
     (batch,) = list(datamodule.train_dataloader())
-    assert (batch["position_ids"] == 0).sum() == len(ragged_rows)  # all five examples in one row
+    assert batch["input_ids"].shape[0] == 2  # five examples in two rows, the shorter one padded
+    assert (batch["position_ids"] == 0).sum() == len(ragged_rows) + 1
     with torch.no_grad():
         packed_sum, packed_count = module.loss_terms(batch)
         # Each example on its own, through transformers' own forward pass: no packing, no padding.
@@ -114,7 +122,7 @@ def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model
             loss_sum, n = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
             total, count = total + loss_sum.item(), count + n.item()
         # Without restarting positions, examples would see each other: the loss must then differ.
-        leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
+        leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
         leaky_sum, _ = module.loss_terms(leaky)
     assert packed_count.item() == count
     assert (packed_sum / packed_count).item() == pytest.approx(total / count, abs=1e-5)

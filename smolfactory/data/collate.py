@@ -32,29 +32,34 @@ def pad_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def packed_collate(rows: list[list[dict[str, list[int]]]], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
-    """Concatenate packed rows into one padding-free row of shape ``[1, tokens]``.
+def packed_collate(rows: list[list[dict[str, list[int]]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows side by side, each example with its own positions; no attention mask.
 
-    Examples ``[a, b, c]`` and ``[d, e]`` become::
+    Rows ``[a, b, c] + [d, e]`` and ``[f, g]`` (examples joined by ``+``) become::
 
-        input_ids    [[a, b, c, d, e]]
-        labels       [[-100, b, c, -100, e]]
-        position_ids [[0, 1, 2, 0, 1]]
+        input_ids    [[a, b, c, d, e], [f, g, P, P, P]]      P = pad_token_id
+        labels       [[-100, b, c, -100, e], [-100, g, -100, -100, -100]]
+        position_ids [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
 
     Each example's first label is dropped: nothing before it in its own example predicts it, and the
-    token before it belongs to another example. No attention mask: transformers separates the examples
-    by their restarting position ids.
+    token before it belongs to another example. transformers separates the examples by their restarting
+    position ids; a short row's padding is one more sequence of its own, never trained. Rows are nearly
+    full after best-fit packing, so that padding is small, and attention stays within ``max_length``.
     """
-    input_ids, labels, position_ids = [], [], []
-    for example in (example for row in rows for example in row):
-        input_ids += example["input_ids"]
-        labels += [IGNORE_INDEX, *example["labels"][1:]]
-        position_ids += range(len(example["input_ids"]))
-    return {
-        "input_ids": torch.tensor([input_ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([position_ids]),
-    }
+    longest = max(sum(len(example["input_ids"]) for example in row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        start = 0
+        for example in row:
+            end = start + len(example["input_ids"])
+            input_ids[index, start:end] = torch.tensor(example["input_ids"])
+            labels[index, start + 1 : end] = torch.tensor(example["labels"][1:])
+            position_ids[index, start:end] = torch.arange(end - start)
+            start = end
+        position_ids[index, start:] = torch.arange(longest - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 def prompt_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor | list]:

@@ -2,7 +2,8 @@
 
 A packed row holds several whole examples back to back. ``packed_collate`` gives each example its own
 ``position_ids`` (restarting at 0) and no ``attention_mask``: transformers then finds the example
-boundaries from the position ids and no example attends to another (sdpa, eager and flash-attention).
+boundaries from the position ids and no example attends to another (sdpa and eager build a
+block-diagonal mask per row; flash-attention takes the rows flattened, see ``CausalLMModule.loss_terms``).
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ class SFTDataModule(L.LightningDataModule):
         batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
         if self.hparams.packing:
             packed = PackedDataset(data, self.hparams.max_length)
-            return DataLoader(packed, batch_size, shuffle=shuffle, collate_fn=packed_collate, num_workers=workers)
+            collate = partial(packed_collate, pad_token_id=self.tokenizer.pad_token_id)
+            return DataLoader(packed, batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers)
         collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
         if self.hparams.group_by_length and shuffle:
             sampler = LengthGroupedBatchSampler(RandomSampler(data), batch_size, False, data["length"])
@@ -162,7 +163,8 @@ class SFTDataModule(L.LightningDataModule):
         batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
         if self.hparams.packing:
             packed = PackedStream(data, self.hparams.max_length)
-            return DataLoader(packed, batch_size, collate_fn=packed_collate, num_workers=workers)
+            collate = partial(packed_collate, pad_token_id=self.tokenizer.pad_token_id)
+            return DataLoader(packed, batch_size, collate_fn=collate, num_workers=workers)
         collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
         return DataLoader(data, batch_size, collate_fn=collate, num_workers=workers)
 

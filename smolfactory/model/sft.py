@@ -101,6 +101,9 @@ class CausalLMModule(L.LightningModule):
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained."""
         decoder = self.causal_lm.get_decoder()
+        if "position_ids" in batch and self.hparams.attn_implementation == "flash_attention_2":
+            # flash-attention finds packed examples only within one row: lay the rows end to end.
+            batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         # Packed batches carry position_ids and no attention_mask: transformers then keeps examples apart.
         hidden = decoder(
             input_ids=batch["input_ids"],
