@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from smolfactory.data import SFTDataModule, sft, sources
+from smolfactory.data import SFTDataModule, examples, sft, sources
 from smolfactory.data.collate import pad_collate, prompt_collate
 from smolfactory.data.sources import DatasetSource, builtin_split_path
 from smolfactory.errors import SmolFactoryError
@@ -161,8 +161,8 @@ def test_tokenization_cache_follows_the_masking_code(tiny_model_dir, tmp_path, m
     first = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     second = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     assert second == first  # same code, same data: same examples (from the cache)
-    monkeypatch.setattr(sft, "_PIPELINE_SOURCE", sft._PIPELINE_SOURCE + "# changed")
-    monkeypatch.setattr(sft, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
+    monkeypatch.setattr(examples, "PIPELINE_SOURCE", examples.PIPELINE_SOURCE + "# changed")
+    monkeypatch.setattr(examples, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
     assert make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]["input_ids"] == [1, 2]
 
 
@@ -281,8 +281,11 @@ def test_streaming_packs_and_trains_for_max_steps(tiny_model_dir, tmp_path):
     )
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())
-    lengths = sum(example["length"] for example in datamodule.train_data)
-    assert sum(batch["input_ids"].numel() for batch in batches) == lengths
+    examples = list(datamodule.train_data)
+    assert all(batch["input_ids"].shape[1] <= 128 for batch in batches)
+    # Every example starts a run of positions 0, 1, ...; each short row's padding starts one more.
+    starts = sum(int((batch["position_ids"] == 0).sum()) for batch in batches)
+    assert len(examples) <= starts <= len(examples) + sum(batch["input_ids"].shape[0] for batch in batches)
     assert all("position_ids" in batch and "attention_mask" not in batch for batch in batches)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False

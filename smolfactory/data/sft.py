@@ -8,10 +8,8 @@ Tokenization runs once through ``datasets.map`` and is cached; rank 0 does it fi
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -23,17 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
-from smolfactory.data import formats, templates
+from smolfactory.data import examples
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
-from smolfactory.data.formats import Format, RowError, check_columns, detect_format, row_to_example
+from smolfactory.data.examples import EXAMPLE_COLUMNS, RowSettings, summarize, summary_line, tokenize_rows
+from smolfactory.data.formats import Format, RowError, check_columns, detect_format
 from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset, PackedStream
 from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
-from smolfactory.data.templates import TemplateError, TrainOn, resolve_chat_template, tokenize_example
+from smolfactory.data.templates import TrainOn, resolve_chat_template
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loading import BUILTIN_PREFIX, DEFAULT_MODEL, load_tokenizer
-from smolfactory.model.loss import IGNORE_INDEX
 
-EXAMPLE_COLUMNS = ["input_ids", "labels", "length"]
 Overlong = Literal["truncate", "drop", "split"]
 BadRowPolicy = Literal["error", "skip"]
 
@@ -265,7 +262,7 @@ class SFTDataModule(L.LightningDataModule):
             return stream.filter(lambda n: n > 0, input_columns="num_trained").select_columns(EXAMPLE_COLUMNS)
         # datasets fingerprints the mapped function but not the code it calls: include our code and the
         # tokenizer (with its chat template) explicitly, so a change to masking never reuses stale labels.
-        fingerprint = Hasher.hash((rows._fingerprint, _PIPELINE_SOURCE, Hasher.hash(self.tokenizer), settings))
+        fingerprint = Hasher.hash((rows._fingerprint, examples.PIPELINE_SOURCE, Hasher.hash(self.tokenizer), settings))
         tokenized = rows.map(
             function,
             batched=True,
@@ -276,100 +273,14 @@ class SFTDataModule(L.LightningDataModule):
             num_proc=self.hparams.num_proc,
             desc=f"Tokenizing {source.path}",
         )
-        examples = tokenized.filter(lambda n: n > 0, input_columns="num_trained", num_proc=self.hparams.num_proc)
-        summary = summarize(tokenized, len(rows), len(examples))
+        kept = tokenized.filter(lambda n: n > 0, input_columns="num_trained", num_proc=self.hparams.num_proc)
+        summary = summarize(tokenized, len(rows), len(kept))
         if report:
             self.summaries[f"{source.path}:{source.split}"] = summary
-            rank_zero_info(_summary_line(source, summary, self.hparams.max_length))
-        if len(examples) == 0:
+            rank_zero_info(summary_line(f"{source.path} [{source.split}]", summary, self.hparams.max_length))
+        if len(kept) == 0:
             raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
-        return examples.select_columns(EXAMPLE_COLUMNS)
-
-
-@dataclass(frozen=True)
-class RowSettings:
-    """Everything that decides how a row becomes examples (and so part of the cache fingerprint)."""
-
-    format: str
-    columns: dict[str, str]
-    system_prompt: str | None
-    template_kwargs: dict[str, Any] | None
-    train_on: str
-    max_length: int
-    overlong: str
-    on_bad_row: str
-
-
-def tokenize_rows(
-    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, settings: RowSettings, source: str
-) -> dict[str, list]:
-    """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row."""
-    out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "num_trained", "status")}
-
-    def add(input_ids: list[int], labels: list[int], status: str) -> None:
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-        out["length"].append(len(input_ids))
-        out["num_trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
-        out["status"].append(status)
-
-    for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
-        row = dict(zip(batch, values, strict=True))
-        try:
-            example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
-            sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
-            pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
-            if settings.overlong != "drop" and not pieces:
-                raise RowError(f"nothing is left to train after truncation to {settings.max_length} tokens")
-        except (RowError, TemplateError) as error:
-            problem = f"{source}, row {index + 1}: {error}"
-            if settings.on_bad_row == "error":
-                raise SmolFactoryError(f"{problem}; fix or remove the row, or set data.on_bad_row: skip") from error
-            add([], [], f"skipped: {problem}")
-            continue
-        if not pieces:
-            add([], [], "dropped")
-        longest = max(len(sequence["input_ids"]) for sequence in sequences)
-        for input_ids, labels in pieces:
-            add(input_ids, labels, "truncated" if longest > settings.max_length else "")
-    return out
-
-
-def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tuple[list[int], list[int]]]:
-    """The sequence cut to ``max_length`` as ``settings.overlong`` says; pieces with no trained token are left out."""
-    input_ids, labels, limit = sequence["input_ids"], sequence["labels"], settings.max_length
-    if len(input_ids) <= limit:
-        pieces = [(input_ids, labels)]
-    elif settings.overlong == "drop":
-        return []
-    elif settings.overlong == "truncate":
-        pieces = [(input_ids[:limit], labels[:limit])]
-    else:
-        pieces = [(input_ids[i : i + limit], labels[i : i + limit]) for i in range(0, len(input_ids), limit)]
-    return [(ids, lab) for ids, lab in pieces if any(label != IGNORE_INDEX for label in lab[1:])]
-
-
-def summarize(tokenized: datasets.Dataset, rows: int, examples: int) -> dict[str, Any]:
-    """Counts of a tokenized dataset: rows read, examples kept, truncated, dropped and skipped rows."""
-    status = tokenized["status"]
-    skipped = [s.removeprefix("skipped: ") for s in status if s.startswith("skipped")]
-    return {
-        "rows": rows,
-        "examples": examples,
-        "truncated": status.count("truncated"),
-        "dropped": status.count("dropped"),
-        "skipped": len(skipped),
-        "skipped_first": skipped[:3],
-    }
-
-
-def _summary_line(source: DatasetSource, summary: dict[str, Any], max_length: int) -> str:
-    line = (
-        f"{source.path} [{source.split}]: {summary['rows']} rows -> {summary['examples']} examples "
-        f"({summary['truncated']} truncated to {max_length} tokens, {summary['dropped']} over-long dropped, "
-        f"{summary['skipped']} bad rows skipped)"
-    )
-    return line + "".join(f"\n  skipped {problem}" for problem in summary["skipped_first"])
+        return kept.select_columns(EXAMPLE_COLUMNS)
 
 
 def _as_source(item: str | DatasetSource | dict, split: str = "train") -> DatasetSource:
@@ -378,7 +289,3 @@ def _as_source(item: str | DatasetSource | dict, split: str = "train") -> Datase
     if isinstance(item, dict):  # LightningCLI hands hparams over as plain dicts
         return DatasetSource(**item)
     return DatasetSource(item, split=split)
-
-
-# The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
-_PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, tokenize_rows, fit_length))

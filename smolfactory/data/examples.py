@@ -1,0 +1,114 @@
+"""Dataset rows to training examples: the function ``datasets.map`` runs, and the counts it leaves.
+
+Each row becomes zero or more examples (``input_ids``, ``labels``, ``length``): usually one; several when
+the chat template rewrites history or an over-long example is split; none when it is dropped. Bad rows
+stop with a one-line error, or leave a placeholder that ``summarize`` counts as skipped.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from smolfactory.data import formats, templates
+from smolfactory.data.formats import RowError, row_to_example
+from smolfactory.data.templates import TemplateError, tokenize_example
+from smolfactory.errors import SmolFactoryError
+from smolfactory.model.loss import IGNORE_INDEX
+
+EXAMPLE_COLUMNS = ["input_ids", "labels", "length"]
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """Everything that decides how a row becomes examples (and so part of the cache fingerprint)."""
+
+    format: str
+    columns: dict[str, str]
+    system_prompt: str | None
+    template_kwargs: dict[str, Any] | None
+    train_on: str
+    max_length: int
+    overlong: str
+    on_bad_row: str
+
+
+def tokenize_rows(
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, settings: RowSettings, source: str
+) -> dict[str, list]:
+    """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row."""
+    out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "num_trained", "status")}
+
+    def add(input_ids: list[int], labels: list[int], status: str) -> None:
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["length"].append(len(input_ids))
+        out["num_trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        out["status"].append(status)
+
+    for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+        row = dict(zip(batch, values, strict=True))
+        try:
+            example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
+            sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
+            pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
+            if settings.overlong != "drop" and not pieces:
+                raise RowError(f"nothing is left to train after truncation to {settings.max_length} tokens")
+        except (RowError, TemplateError) as error:
+            problem = f"{source}, row {index + 1}: {error}"
+            if settings.on_bad_row == "error":
+                raise SmolFactoryError(f"{problem}; fix or remove the row, or set data.on_bad_row: skip") from error
+            add([], [], f"skipped: {problem}")
+            continue
+        if not pieces:
+            add([], [], "dropped")
+        longest = max(len(sequence["input_ids"]) for sequence in sequences)
+        for input_ids, labels in pieces:
+            add(input_ids, labels, "truncated" if longest > settings.max_length else "")
+    return out
+
+
+def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tuple[list[int], list[int]]]:
+    """The sequence cut to ``max_length`` as ``settings.overlong`` says; pieces with no trained token are left out."""
+    input_ids, labels, limit = sequence["input_ids"], sequence["labels"], settings.max_length
+    if len(input_ids) <= limit:
+        pieces = [(input_ids, labels)]
+    elif settings.overlong == "drop":
+        return []
+    elif settings.overlong == "truncate":
+        pieces = [(input_ids[:limit], labels[:limit])]
+    else:
+        pieces = [(input_ids[i : i + limit], labels[i : i + limit]) for i in range(0, len(input_ids), limit)]
+    return [(ids, lab) for ids, lab in pieces if any(label != IGNORE_INDEX for label in lab[1:])]
+
+
+def summarize(tokenized: datasets.Dataset, rows: int, examples: int) -> dict[str, Any]:
+    """Counts of a tokenized dataset: rows read, examples kept, truncated, dropped and skipped rows."""
+    status = tokenized["status"]
+    skipped = [s.removeprefix("skipped: ") for s in status if s.startswith("skipped")]
+    return {
+        "rows": rows,
+        "examples": examples,
+        "truncated": status.count("truncated"),
+        "dropped": status.count("dropped"),
+        "skipped": len(skipped),
+        "skipped_first": skipped[:3],
+    }
+
+
+def summary_line(name: str, summary: dict[str, Any], max_length: int) -> str:
+    """One line of counts (and the first skipped rows' problems) for the log."""
+    line = (
+        f"{name}: {summary['rows']} rows -> {summary['examples']} examples "
+        f"({summary['truncated']} truncated to {max_length} tokens, {summary['dropped']} over-long dropped, "
+        f"{summary['skipped']} bad rows skipped)"
+    )
+    return line + "".join(f"\n  skipped {problem}" for problem in summary["skipped_first"])
+
+
+# The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
+PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, tokenize_rows, fit_length))
