@@ -16,7 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from smolfactory.errors import SmolFactoryError, first_line
 from smolfactory.export import save_pretrained_folder
@@ -78,12 +84,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a pretrained causal language model from a model name."""
+def load_model(
+    name: str,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    quantization_config: BitsAndBytesConfig | None = None,
+) -> PreTrainedModel:
+    """Load a pretrained causal language model from a model name (quantized with ``quantization_config``)."""
     path = resolve_model_path(name)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, attn_implementation=attn_implementation
+            path,
+            dtype=dtype or torch.float32,
+            attn_implementation=attn_implementation,
+            quantization_config=quantization_config,
         )
     except (OSError, ValueError) as error:
         raise SmolFactoryError(_not_found_message(name, error)) from error

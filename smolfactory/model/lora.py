@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel
 
 from smolfactory.errors import SmolFactoryError
@@ -17,11 +18,18 @@ class LoraSettings:
     r: int = 16
     """Rank of each adapter's update matrices."""
     alpha: int = 32
-    """Scaling numerator: an adapter's update is multiplied by alpha / r."""
+    """Scaling numerator: an adapter's update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
     dropout: float = 0.0
     """Dropout on the adapter's input during training."""
     target_modules: str | list[str] = "all-linear"
-    """Layers that get adapters: 'all-linear' (every linear layer but the LM head) or a list of module names."""
+    """Layers with adapters: 'all-linear' (every linear layer but the LM head), 'attention' (the linear layers
+    of the attention blocks), or a list of module names such as [q_proj, v_proj]."""
+    use_dora: bool = False
+    """DoRA: also learn each weight's magnitude (weight-decomposed LoRA); slower, often better at low rank."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r), so larger ranks keep learning."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapters and saved with them, e.g. [lm_head] or [embed_tokens]."""
 
     def check(self) -> None:
         """Raise a one-line error for values peft would reject later, deep inside model building."""
@@ -31,13 +39,37 @@ class LoraSettings:
             raise SmolFactoryError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+def attention_linear_names(model: PreTrainedModel) -> list[str]:
+    """Names of the linear layers inside the model's attention blocks (q_proj, k_proj, ... for Llama)."""
+    names = {
+        child_name
+        for module in model.modules()
+        if type(module).__name__.endswith("Attention")
+        for child_name, child in module.named_children()
+        if isinstance(child, nn.Linear)
+    }
+    if not names:
+        raise SmolFactoryError(
+            f"{type(model).__name__} has no linear layer inside a module named *Attention; "
+            "list model.lora.target_modules explicitly"
+        )
+    return sorted(names)
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
-    """Wrap ``model`` with fresh LoRA adapters; only the adapters require gradients afterwards."""
+    """Wrap ``model`` with fresh LoRA adapters; only the adapters (and modules_to_save) train afterwards."""
+    targets = attention_linear_names(model) if settings.target_modules == "attention" else settings.target_modules
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=targets,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+        modules_to_save=settings.modules_to_save,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft's message for a target that matches nothing, and similar
+        raise SmolFactoryError(f"model.lora: {str(error).splitlines()[0]}") from error
