@@ -15,6 +15,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from smolfactory.callbacks.export import HFExport
+from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
@@ -65,6 +66,7 @@ class SmolFactoryCLI(LightningCLI):
         # Always present (not replaced when a config lists its own callbacks); options under `export:`.
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -9,9 +9,10 @@ block-diagonal mask per row; flash-attention takes the rows flattened, see ``Cau
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from torch.utils.data import BatchSampler, Dataset, IterableDataset, Sampler
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
 
 def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -106,3 +107,52 @@ class LengthGroupedBatchSampler(BatchSampler):
             batch = window[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:
                 yield batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch that depends only on ``(seed, epoch)``, never on the global RNG.
+
+    Lightning calls ``set_epoch`` at each epoch start, so a resumed run draws the same order as the
+    uninterrupted one.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: Lightning stores ``state_dict()`` in checkpoints and hands it back.
+
+    The state is how many batches of the current epoch the training loop has consumed, read from
+    ``batches_done`` (Lightning fetches a batch ahead, so the loader's own count would be one too many).
+    After ``load_state_dict`` the next pass skips those batches; the epoch's order is the same because
+    the sampler depends only on the seed and the epoch.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done() if self.batches_done is not None else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["batches_done"]
+
+    def __iter__(self) -> Iterator:
+        skip, self._skip = self._skip, 0
+        batches = super().__iter__()
+        for _ in range(skip):
+            next(batches)
+        yield from batches

@@ -8,6 +8,7 @@ Tokenization runs once through ``datasets.map`` and is cached; rank 0 does it fi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from functools import partial
@@ -18,14 +19,20 @@ import lightning as L
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import examples
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
 from smolfactory.data.examples import EXAMPLE_COLUMNS, RowSettings, summarize, summary_line, tokenize_rows
 from smolfactory.data.formats import Format, RowError, check_columns, detect_format
-from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset, PackedStream
+from smolfactory.data.packing import (
+    EpochShuffleSampler,
+    LengthGroupedBatchSampler,
+    PackedDataset,
+    PackedStream,
+    ResumableDataLoader,
+)
 from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
 from smolfactory.data.templates import TrainOn, resolve_chat_template
 from smolfactory.errors import SmolFactoryError
@@ -99,6 +106,11 @@ class SFTDataModule(L.LightningDataModule):
         if packing and group_by_length:
             raise SmolFactoryError("set data.packing or data.group_by_length, not both: packed rows have no padding")
         self.save_hyperparameters()
+        # Sources as plain dicts, so checkpoints (which keep these) load with torch.load(weights_only=True).
+        plain = [dataclasses.asdict(s) if isinstance(s, DatasetSource) else s for s in _listed(dataset)]
+        self.hparams.dataset = plain if isinstance(dataset, list) else plain[0]
+        if isinstance(validation_dataset, DatasetSource):
+            self.hparams.validation_dataset = dataclasses.asdict(validation_dataset)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | None = None
         self.val_data: datasets.Dataset | None = None
@@ -107,8 +119,7 @@ class SFTDataModule(L.LightningDataModule):
     @property
     def sources(self) -> list[DatasetSource]:
         """The training datasets, as sources."""
-        dataset = self.hparams.dataset
-        return [_as_source(item) for item in (dataset if isinstance(dataset, list) else [dataset])]
+        return [_as_source(item) for item in _listed(self.hparams.dataset)]
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node before setup: the other ranks then load the
@@ -142,17 +153,30 @@ class SFTDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=self.hparams.batch_size, collate_fn=collate)
 
     def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
-        batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
-        if self.hparams.packing:
-            packed = PackedDataset(data, self.hparams.max_length)
+        """Batches of ``data``; shuffled ones come from a loader that resumes mid-epoch in the same order."""
+        hparams = self.hparams
+        if hparams.packing:
+            data = PackedDataset(data, hparams.max_length)
             collate = partial(packed_collate, pad_token_id=self.tokenizer.pad_token_id)
-            return DataLoader(packed, batch_size, shuffle=shuffle, collate_fn=collate, num_workers=workers)
-        collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
-        if self.hparams.group_by_length and shuffle:
-            sampler = LengthGroupedBatchSampler(RandomSampler(data), batch_size, False, data["length"])
-            return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
-        sampler = RandomSampler(data) if shuffle else SequentialSampler(data)
-        return DataLoader(data, batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
+        else:
+            collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
+        if not shuffle:
+            return DataLoader(data, hparams.batch_size, collate_fn=collate, num_workers=hparams.num_workers)
+        sampler = EpochShuffleSampler(len(data), hparams.seed)
+        if hparams.group_by_length:
+            batches = LengthGroupedBatchSampler(sampler, hparams.batch_size, False, data["length"])
+            arguments = {"batch_sampler": batches}
+        else:
+            arguments = {"batch_size": hparams.batch_size, "sampler": sampler}
+        return ResumableDataLoader(
+            data, collate_fn=collate, num_workers=hparams.num_workers, batches_done=self._batches_done, **arguments
+        )
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the training loop has taken (what a resumed run skips)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def _stream_loader(self, data: datasets.IterableDataset) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:  # each rank reads its own share of rows
@@ -281,6 +305,10 @@ class SFTDataModule(L.LightningDataModule):
         if len(kept) == 0:
             raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
         return kept.select_columns(EXAMPLE_COLUMNS)
+
+
+def _listed(dataset: Any) -> list:
+    return dataset if isinstance(dataset, list) else [dataset]
 
 
 def _as_source(item: str | DatasetSource | dict, split: str = "train") -> DatasetSource:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from typing import Literal
 
 import lightning as L
@@ -62,10 +64,12 @@ class CausalLMModule(L.LightningModule):
                 f"model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"
             )
         self.save_hyperparameters()
-        # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here.
+        # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here,
+        # and plain dicts in hparams, so checkpoints load with torch.load(weights_only=True).
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         if self.lora is not None:
             self.lora.check()
+            self.hparams.lora = dataclasses.asdict(self.lora)
         self.model: PreTrainedModel | PeftModel | None = None
         # LoRA checkpoints hold only the trainable weights (see on_save_checkpoint); the frozen base is
         # rebuilt by configure_model, so its keys are expected to be missing when a checkpoint loads.
@@ -168,6 +172,13 @@ class CausalLMModule(L.LightningModule):
         """
         loss_sum, tokens = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
         tokens = tokens.clamp(min=1)
+        if not torch.isfinite(loss_sum):  # stop before the optimizer writes NaN into the weights
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            raise SmolFactoryError(
+                f"the training loss became {(loss_sum / tokens).item()} at step {self.trainer.global_step + 1}; "
+                f"last good checkpoint: {checkpoint}. Lower model.learning_rate or check the data, then resume "
+                "with --ckpt_path"
+            )
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         for parameter in self.parameters():
             if parameter.grad is not None:
@@ -211,6 +222,27 @@ class CausalLMModule(L.LightningModule):
         if self.lora is not None:  # the frozen base is rebuilt from model_name: keep only what trains
             trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Dropout draws from these generators: a resumed run continues their streams exactly. (Plain
+        # tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).)
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored just before the next training batch: building the DataLoader iterator in between
+        # draws from the global generator, which the uninterrupted run did not do at this point.
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
+        if states is None:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        random.setstate(states["python"])
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []

@@ -1,0 +1,144 @@
+"""Checkpoints survive crashes during a save, a NaN loss stops training, SIGTERM saves a resumable checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from fsspec.implementations.local import LocalFileOpener
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory.errors import SmolFactoryError
+from tests.conftest import chat, write_jsonl
+from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
+from tests.test_model import tiny_data  # noqa: F401  (a fixture)
+
+
+def trainer_with_checkpoints(root: Path, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)],
+    )
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    trainer = trainer_with_checkpoints(tmp_path, max_steps=2)
+    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=tiny_data)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    write = LocalFileOpener.write
+
+    def write_half_then_crash(self, data):  # the process dies halfway through writing the file
+        write(self, data[: len(data) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(LocalFileOpener, "write", write_half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(last)
+    assert last.read_bytes() == before  # the old checkpoint, untouched
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
+def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
+    class TurnsNaN(CausalLMModule):
+        def loss_terms(self, batch):
+            loss_sum, count = super().loss_terms(batch)
+            return (loss_sum * float("nan"), count) if self.trainer.global_step == 2 else (loss_sum, count)
+
+    module = TurnsNaN(model_name=tiny_model_dir, lora=LoraSettings(r=4))
+    with pytest.raises(SmolFactoryError, match=r"became nan at step 3; last good checkpoint: .*last\.ckpt"):
+        trainer_with_checkpoints(tmp_path, max_steps=5).fit(module, datamodule=tiny_data)
+    weights = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(p).all() for p in weights.values())  # the optimizer never stepped on NaN
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
+    for name, value in saved["state_dict"].items():
+        torch.testing.assert_close(value, dict(module.named_parameters())[name].detach())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
+    command = [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, "--config", overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while not any("Total params" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a few training steps
+    process.terminate()  # SIGTERM
+    assert process.wait(timeout=120) == 0
+    reader.join(timeout=10)
+    output = "".join(lines)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"saved {last}. Resume with the same command plus --ckpt_path {last}" in output
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert step > 0 and f"SIGTERM at step {step}:" in output
+    resumed = subprocess.run(
+        [*command, f"--trainer.max_steps={step + 2}", "--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr
+    assert f"`max_steps={step + 2}` reached" in resumed.stderr
+    assert "dataloader is not resumable" not in resumed.stderr
+
+
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > len(self.losses) + self.offset:
+            self.losses.append(trainer.callback_metrics["train_loss"].item())
+
+    def on_train_start(self, trainer, pl_module):
+        self.offset = trainer.global_step
+
+
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["shuffled", "grouped"])
+def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length):
+    """2N steps straight equal N steps, a stop, and N resumed steps: every loss and the final weights."""
+    rows = [chat(f"Question number {i}?", "Answer " * (1 + i % 5) + f"{i}.") for i in range(12)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    class StopAt(L.Callback):  # an interruption: the run was meant to go on (same schedule length)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step == 4
+
+    def run(root, ckpt_path=None, stop=False):
+        L.seed_everything(0)
+        # LoRA dropout draws random numbers at every step: the RNG state must resume too.
+        module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, dropout=0.1), learning_rate=1e-2)
+        data = SFTDataModule(
+            tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=2, group_by_length=group_by_length
+        )
+        losses = StepLosses()
+        trainer = trainer_with_checkpoints(root, max_steps=8)
+        trainer.callbacks += [losses, StopAt()] if stop else [losses]
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    # 6 batches an epoch: the stop at step 4 is mid-epoch, and the run goes on into the second epoch.
+    straight, straight_weights = run(tmp_path / "straight")
+    first, _ = run(tmp_path / "stopped", stop=True)
+    second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(tmp_path / "stopped/checkpoints/last.ckpt"))
+    assert len(straight) == 8 and len(first) == 4 and len(second) == 4
+    assert first + second == pytest.approx(straight, abs=1e-6)
+    for name, weight in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, atol=1e-6, rtol=0, msg=name)
