@@ -22,8 +22,7 @@ class LoraSettings:
     dropout: float = 0.0
     """Dropout on the adapter's input during training."""
     target_modules: str | list[str] = "all-linear"
-    """Layers with adapters: 'all-linear' (every linear layer but the LM head), 'attention' (the linear layers
-    of the attention blocks), or a list of module names such as [q_proj, v_proj]."""
+    """Layers with adapters: all-linear (all but the LM head), attention, or a list such as [q_proj, v_proj]."""
     use_dora: bool = False
     """DoRA: also learn each weight's magnitude (weight-decomposed LoRA); slower, often better at low rank."""
     use_rslora: bool = False
