@@ -9,8 +9,12 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def save_pretrained_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+def save_pretrained_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, state_dict: dict | None = None
+) -> Path:
     """Save a model (a PEFT adapter or a full model) with its tokenizer and chat template to ``path``.
+
+    ``state_dict`` replaces the model's own weights (a sharded model passes its gathered full weights).
 
     Everything is written to a hidden sibling staging folder and renamed into place, so ``path`` never
     holds a half-written export. An existing folder at ``path`` is first renamed to ``.NAME.old-PID`` and
@@ -21,7 +25,7 @@ def save_pretrained_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if path.exists():
             retired = path.with_name(f".{path.name}.old-{os.getpid()}")

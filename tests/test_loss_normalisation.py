@@ -1,15 +1,11 @@
-"""The loss of an optimizer step is the mean over every label token of the step, however it is split.
+"""The loss of an optimizer step is the mean over every label token of the step, however it is split
+(across processes: tests/test_distributed.py).
 
 Examples of very different lengths make a mean of micro-batch means differ from the token mean, so the
 tests can tell the two apart.
 """
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -97,42 +93,3 @@ def test_packed_step_equals_the_token_mean(tiny_model_dir, ragged_path):
     gradients, step_loss = one_step(tiny_model_dir, ragged_path, 4, 1, packing=True)
     assert step_loss == pytest.approx(loss, abs=1e-5)
     assert_same(gradients, reference, atol=1e-5)
-
-
-DDP_SCRIPT = """
-import json, sys
-import lightning as L
-from tests.test_loss_normalisation import GradientRecorder
-from smolfactory import SFTDataModule
-
-model_dir, data_path, out = sys.argv[1:4]
-L.seed_everything(0)
-module = GradientRecorder(model_name=model_dir, lora=None)
-datamodule = SFTDataModule(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=1)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, accumulate_grad_batches=2,
-                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-trainer.fit(module, datamodule=datamodule)
-if trainer.is_global_zero:
-    json.dump({"loss": trainer.callback_metrics["train_loss"].item(),
-               "gradients": {n: g.flatten()[:256].tolist() for n, g in module.gradients.items()}}, open(out, "w"))
-"""
-
-
-@pytest.mark.slow
-def test_two_ddp_ranks_with_accumulation_equal_the_token_mean(tiny_model_dir, ragged_path, tmp_path):
-    """2 CPU processes x accumulation 2 x batch 1: the four examples, normalised over ranks and micro-batches."""
-    reference, loss, _ = reference_step(tiny_model_dir, ragged_path)
-    script, out = tmp_path / "ddp_step.py", tmp_path / "result.json"
-    script.write_text(DDP_SCRIPT)
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, str(script), tiny_model_dir, str(ragged_path), str(out)],
-        cwd=root,
-        env={**__import__("os").environ, "PYTHONPATH": str(root)},
-        check=True,
-        timeout=300,
-    )
-    result = json.loads(out.read_text())
-    assert result["loss"] == pytest.approx(loss, abs=1e-5)
-    expected = {n: g.flatten()[:256] for n, g in reference.items()}
-    assert_same({n: torch.tensor(g) for n, g in result["gradients"].items()}, expected)

@@ -16,6 +16,7 @@ from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_mo
 from smolfactory.model.lora import LoraSettings, apply_lora
 from smolfactory.model.loss import label_token_loss
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
+from smolfactory.model.sharding import shard_decoder_layers
 
 # Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
 # Granite); the label-only loss calls the LM head directly and would skip that step.
@@ -110,6 +111,8 @@ class CausalLMModule(L.LightningModule):
             )
         model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
         self.model = model
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
+            shard_decoder_layers(self.model, self.causal_lm, self.device_mesh["data_parallel"])
 
     def _load_base(self, name: str, precision: str | None) -> PreTrainedModel:
         """The pretrained model, quantized and prepared for k-bit training when asked, checkpointing on when asked."""
@@ -138,19 +141,24 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, **kwargs).logits
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained."""
-        decoder = self.causal_lm.get_decoder()
+        """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained.
+
+        The model runs through its own forward (so FSDP unshards its weights as usual) but computes no
+        logits (``logits_to_keep`` is empty); the LM head then runs only where a label exists.
+        """
         if "position_ids" in batch and self.hparams.attn_implementation == "flash_attention_2":
             # flash-attention finds packed examples only within one row: lay the rows end to end.
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         # Packed batches carry position_ids and no attention_mask: transformers then keeps examples apart.
-        hidden = decoder(
+        outputs = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             use_cache=False,
-        ).last_hidden_state
-        return label_token_loss(hidden, self.causal_lm.get_output_embeddings(), batch["labels"])
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
+            output_hidden_states=True,
+        )
+        return label_token_loss(outputs.hidden_states[-1], self.causal_lm.get_output_embeddings(), batch["labels"])
 
     def on_train_start(self) -> None:
         self._step_totals = torch.zeros(2, device=self.device)  # (summed loss, label tokens) since the last step

@@ -1,0 +1,34 @@
+"""FSDP2 (``fully_shard``) for Lightning's ModelParallelStrategy: one shard group per decoder layer."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from transformers import PreTrainedModel
+
+from smolfactory.errors import SmolFactoryError
+
+
+def decoder_layer_class_names(model: PreTrainedModel) -> set[str]:
+    """The transformer-block classes that must not be split, from the model's ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        raise SmolFactoryError(
+            f"{type(model).__name__} does not name its decoder layer class (_no_split_modules), so it cannot be "
+            "sharded layer by layer; use DDP"
+        )
+    return names
+
+
+def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh: DeviceMesh) -> None:
+    """Shard each decoder layer, then the rest of the model (embeddings, final norm, LM head) as the root group.
+
+    The root group keeps its weights gathered between forward and backward (FSDP2's default for the
+    root), which the label-only loss relies on: it calls the LM head after the model's forward.
+    """
+    classes = decoder_layer_class_names(causal_lm)
+    layers = [module for module in causal_lm.modules() if type(module).__name__ in classes]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
