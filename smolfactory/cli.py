@@ -3,6 +3,7 @@
 smolfactory fit --config configs/quickstart.yaml
 smolfactory fit --config configs/quickstart.yaml --print_config
 smolfactory preview --config configs/quickstart.yaml
+smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill --merge
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from smolfactory import checkpoint_export
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
@@ -76,6 +78,9 @@ def main(args: list[str] | None = None) -> None:
     args = ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args[:1] == ["export"]:  # a checkpoint and a folder, no training config: not a Trainer subcommand
+            checkpoint_export.main(args[1:])
+            return
         SmolFactoryCLI(args=args)
     except SmolFactoryError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,11 +10,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def save_pretrained_folder(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, state_dict: dict | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    state_dict: dict | None = None,
+    card: str | None = None,
 ) -> Path:
     """Save a model (a PEFT adapter or a full model) with its tokenizer and chat template to ``path``.
 
-    ``state_dict`` replaces the model's own weights (a sharded model passes its gathered full weights).
+    ``state_dict`` replaces the model's own weights (a sharded model passes its gathered full weights);
+    ``card`` becomes the folder's README.md.
 
     Everything is written to a hidden sibling staging folder and renamed into place, so ``path`` never
     holds a half-written export. An existing folder at ``path`` is first renamed to ``.NAME.old-PID`` and
@@ -27,6 +32,8 @@ def save_pretrained_folder(
     try:
         model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card)
         if path.exists():
             retired = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, retired)

@@ -65,3 +65,29 @@ def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strat
         assert exported.keys() == single.keys()
         for name, tensor in single.items():
             torch.testing.assert_close(exported[name], tensor, atol=1e-4, rtol=1e-3, msg=f"{variant} {name}")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp2"])
+def test_strategy_configs_build_their_strategy(name, tiny_model_dir):
+    """The CUDA configs parse, and FSDP's policy wraps exactly the decoder layers of a real model."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+    from transformers import AutoModelForCausalLM
+
+    config = yaml.safe_load((ROOT / "configs" / "strategy" / f"{name}.yaml").read_text())["trainer"]
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy | str)
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": config["strategy"]})).strategy
+    expected = {"ddp": str, "fsdp": FSDPStrategy, "fsdp2": ModelParallelStrategy}[name]
+    assert isinstance(strategy, expected) and config["precision"] == "bf16-mixed"
+    if name == "ddp":
+        assert strategy == "ddp"  # Lightning's registered name for DDPStrategy
+        return
+    if name == "fsdp":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        policies = strategy.kwargs["auto_wrap_policy"], strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+        for policy in policies:
+            assert policy(model, True, 0)
+            wrapped = [m for m in model.modules() if policy(m, False, 0)]
+            assert wrapped == list(model.model.layers)

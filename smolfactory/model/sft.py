@@ -227,6 +227,8 @@ class CausalLMModule(L.LightningModule):
         self.log(name, loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The latest logged values (train_loss, val_loss, ...), for the model card `smolfactory export` writes.
+        checkpoint["metrics"] = {name: float(value) for name, value in self.trainer.callback_metrics.items()}
         if self.lora is not None:  # the frozen base is rebuilt from model_name: keep only what trains
             trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

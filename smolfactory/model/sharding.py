@@ -32,3 +32,20 @@ def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(root, mesh=mesh)
+
+
+class DecoderLayerPolicy:
+    """An FSDPStrategy wrap policy (auto-wrap or activation checkpointing): each decoder layer on its own.
+
+    The layer classes come from the ``_no_split_modules`` of the Hugging Face models inside the wrapped
+    module, read on the first call (FSDP calls the policy on the root first), so one config serves
+    Llama, SmolLM3, Qwen and the rest without naming their classes.
+    """
+
+    def __init__(self) -> None:
+        self.classes: set[str] | None = None
+
+    def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if self.classes is None:
+            self.classes = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+        return True if recurse else type(module).__name__ in self.classes

@@ -1,0 +1,113 @@
+"""`smolfactory export`: a Lightning checkpoint to a Hugging Face folder (adapter or merged), with a model card.
+
+smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill [--merge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from smolfactory.data.templates import resolve_chat_template
+from smolfactory.errors import SmolFactoryError, first_line
+from smolfactory.export import save_pretrained_folder
+from smolfactory.model.loading import load_tokenizer
+from smolfactory.model.sft import CausalLMModule
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """Rebuild the module a checkpoint was saved from, load its weights, and write a Hugging Face folder.
+
+    With ``merge`` a LoRA checkpoint's adapters are folded into the base weights (a plain model folder);
+    without it the folder holds the adapter alone, as peft saves it.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise SmolFactoryError(
+            f"{path} is a sharded checkpoint folder; consolidate it first with "
+            "`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`, then export the .consolidated file"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise SmolFactoryError(f"could not read checkpoint {path} ({first_line(error)})") from error
+    hparams = saved.get("hyper_parameters") or {}
+    accepted = inspect.signature(CausalLMModule.__init__).parameters
+    module = CausalLMModule(**{key: value for key, value in hparams.items() if key in accepted})
+    module.configure_model()
+    module.load_state_dict(saved["state_dict"], strict=module.strict_loading)
+    model = module.model
+    if merge and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    data = saved.get("datamodule_hyper_parameters") or {}
+    tokenizer = load_tokenizer(module.hparams.model_name)
+    if data.get("chat_template"):
+        tokenizer.chat_template = resolve_chat_template(data["chat_template"])
+    card = model_card(dict(module.hparams), data, saved, merged=merge and module.lora is not None)
+    return save_pretrained_folder(model, tokenizer, output, card=card)
+
+
+def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, Any], merged: bool) -> str:
+    """A README.md: what was trained from what, on which data, with which settings, and how it ended."""
+    lora = hparams.get("lora")
+    if lora:
+        method = f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, on {lora['target_modules']}"
+        method += " (DoRA)" if lora.get("use_dora") else ""
+        method += ", merged into the base weights" if merged else ", saved as a PEFT adapter"
+    else:
+        method = "full fine-tuning"
+    if hparams.get("quantization"):
+        method += f", base quantized to {hparams['quantization']} during training"
+    rows = {
+        "base model": f"`{hparams.get('model_name')}`",
+        "method": method,
+        "dataset": f"`{data.get('dataset', 'unknown')}` (format {data.get('format', 'auto')})",
+        "trained tokens": data.get("train_on", "assistant"),
+        "max length": data.get("max_length"),
+        "packing": data.get("packing"),
+        "batch size (per device)": data.get("batch_size"),
+        "learning rate": f"{hparams.get('learning_rate')} (warm-up {hparams.get('warmup_steps')} steps, cosine to "
+        f"{hparams.get('min_lr_ratio')} of peak)",
+        "optimizer steps": saved.get("global_step"),
+        "epochs started": saved.get("epoch", 0) + 1,
+    }
+    metrics = saved.get("metrics") or {}
+    for name in sorted(metrics):
+        rows[f"final {name}"] = f"{metrics[name]:.4f}"
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    loader = "AutoModelForCausalLM" if merged or not hparams.get("lora") else "AutoPeftModelForCausalLM"
+    package = "transformers" if loader == "AutoModelForCausalLM" else "peft"
+    return f"""---
+library_name: {"transformers" if package == "transformers" else "peft"}
+tags: [smolfactory, lightning]
+---
+
+# Fine-tuned with smolfactory
+
+| | |
+|---|---|
+{table}
+
+```python
+from {package} import {loader}
+from transformers import AutoTokenizer
+
+model = {loader}.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+"""
+
+
+def main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="smolfactory export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt file written by smolfactory fit")
+    parser.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    parser.add_argument("--merge", action="store_true", help="fold LoRA adapters into the base weights")
+    options = parser.parse_args(args)
+    path = export_checkpoint(options.checkpoint, options.output, options.merge)
+    print(f"Wrote {path} (load it with from_pretrained)")
