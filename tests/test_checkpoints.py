@@ -18,20 +18,12 @@ from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
 from smolfactory.errors import SmolFactoryError
 from tests.conftest import chat, write_jsonl
 from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
-from tests.test_model import tiny_data  # noqa: F401  (a fixture)
+from tests.test_model import quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
 def trainer_with_checkpoints(root: Path, max_steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)],
-    )
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
+    return quiet_trainer(root, max_steps, [checkpoints], enable_checkpointing=True)
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811

@@ -30,21 +30,25 @@ class RecordSteps(L.Callback):
             self.losses.append(trainer.callback_metrics["train_loss"].item())
 
 
-def fit(module, datamodule, root, max_steps, callbacks=()):
-    L.seed_everything(0)  # adapters are initialised randomly in configure_model
-    recorder = RecordSteps()
-    trainer = L.Trainer(
+def quiet_trainer(root, max_steps, callbacks=(), enable_checkpointing=False) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or validation."""
+    return L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=enable_checkpointing,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=root,
-        callbacks=[recorder, *callbacks],
+        callbacks=list(callbacks),
     )
-    trainer.fit(module, datamodule=datamodule)
+
+
+def fit(module, datamodule, root, max_steps, callbacks=()):
+    L.seed_everything(0)  # adapters are initialised randomly in configure_model
+    recorder = RecordSteps()
+    quiet_trainer(root, max_steps, [recorder, *callbacks]).fit(module, datamodule=datamodule)
     return recorder
 
 

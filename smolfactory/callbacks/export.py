@@ -6,9 +6,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 
 from smolfactory.export import save_pretrained_folder
 from smolfactory.model.loading import load_tokenizer
@@ -25,10 +25,15 @@ class HFExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state_dict = None
-        if any(isinstance(parameter, DTensor) for parameter in pl_module.model.parameters()):
-            # Sharded (FSDP2): every rank takes part in gathering the full weights; rank 0 writes them.
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            # Sharded (FSDP2): every rank takes part in gathering the full weights; rank 0 writes them. The
+            # state dict of the strategy's root (the LightningModule) names the weights "model.<name>".
+            # (FSDPStrategy is not handled here yet: see the README.)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state_dict = without_tied_copies(pl_module.model, get_model_state_dict(pl_module.model, options=options))
+            gathered = get_model_state_dict(trainer.strategy.model, options=options)
+            prefix = "model."
+            state_dict = {name[len(prefix) :]: value for name, value in gathered.items() if name.startswith(prefix)}
+            state_dict = without_tied_copies(pl_module.model, state_dict)
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
