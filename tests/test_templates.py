@@ -202,8 +202,7 @@ TWO_TURNS = [
 @pytest.mark.parametrize("enable_thinking", [True, False])
 def test_history_rewriting_template_gives_one_example_per_turn_as_generation_sees_it(tokenizer, enable_thinking):
     """Qwen3 drops an earlier turn's think block once a user turn follows: each turn becomes its own example."""
-    qwen3 = with_template(tokenizer, "smollm2")
-    qwen3 = copy.deepcopy(qwen3)
+    qwen3 = copy.deepcopy(tokenizer)
     qwen3.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
     kwargs = {"enable_thinking": enable_thinking}
     examples = tokenize_conversation(qwen3, TWO_TURNS, template_kwargs=kwargs)

@@ -124,13 +124,16 @@ class SFTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node before setup: the other ranks then load the
         # tokenized data from the datasets cache instead of tokenizing it again.
+        # In the process that prepared, setup then reuses the result instead of reading the cache back.
         if not self.hparams.streaming:
-            self._build()
+            self._prepared = self._build(report=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is None:
             build = self._build_stream if self.hparams.streaming else self._build
-            self.train_data, self.val_data = build(report=True)
+            prepared = getattr(self, "_prepared", None)
+            self.train_data, self.val_data = prepared if prepared is not None else build(report=True)
+            self._prepared = None
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.streaming:
@@ -154,12 +157,9 @@ class SFTDataModule(L.LightningDataModule):
 
     def _loader(self, data: datasets.Dataset, shuffle: bool) -> DataLoader:
         """Batches of ``data``; shuffled ones come from a loader that resumes mid-epoch in the same order."""
-        hparams = self.hparams
+        hparams, collate = self.hparams, self._collate()
         if hparams.packing:
             data = PackedDataset(data, hparams.max_length)
-            collate = partial(packed_collate, pad_token_id=self.tokenizer.pad_token_id)
-        else:
-            collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
         if not shuffle:
             return DataLoader(data, hparams.batch_size, collate_fn=collate, num_workers=hparams.num_workers)
         sampler = EpochShuffleSampler(len(data), hparams.seed)
@@ -181,13 +181,16 @@ class SFTDataModule(L.LightningDataModule):
     def _stream_loader(self, data: datasets.IterableDataset) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:  # each rank reads its own share of rows
             data = split_dataset_by_node(data, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
-        batch_size, workers = self.hparams.batch_size, self.hparams.num_workers
         if self.hparams.packing:
-            packed = PackedStream(data, self.hparams.max_length)
-            collate = partial(packed_collate, pad_token_id=self.tokenizer.pad_token_id)
-            return DataLoader(packed, batch_size, collate_fn=collate, num_workers=workers)
-        collate = partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id)
-        return DataLoader(data, batch_size, collate_fn=collate, num_workers=workers)
+            data = PackedStream(data, self.hparams.max_length)
+        return DataLoader(
+            data, self.hparams.batch_size, collate_fn=self._collate(), num_workers=self.hparams.num_workers
+        )
+
+    def _collate(self) -> partial:
+        """Packed rows side by side with restarting positions, or examples padded to the longest."""
+        collate = packed_collate if self.hparams.packing else pad_collate
+        return partial(collate, pad_token_id=self.tokenizer.pad_token_id)
 
     def _load_tokenizer(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.tokenizer)

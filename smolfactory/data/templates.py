@@ -96,7 +96,8 @@ def assistant_char_spans(
     spans = []
     for index in turns:
         prompt = render(tokenizer, messages[:index], True, template_kwargs)
-        through_turn = render(tokenizer, messages[: index + 1], False, template_kwargs)
+        last = index == len(messages) - 1  # then the rendering through the turn is the whole text
+        through_turn = text if last else render(tokenizer, messages[: index + 1], False, template_kwargs)
         if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
             raise HistoryRewritten(
                 f"the chat template renders turn {index} differently once later turns follow (it rewrites history)"
