@@ -26,16 +26,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
     With ``merge`` a LoRA checkpoint's adapters are folded into the base weights (a plain model folder);
     without it the folder holds the adapter alone, as peft saves it.
     """
-    path = Path(checkpoint)
-    if path.is_dir():
-        raise SmolFactoryError(
-            f"{path} is a sharded checkpoint folder; consolidate it first with "
-            "`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`, then export the .consolidated file"
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise SmolFactoryError(f"could not read checkpoint {path} ({first_line(error)})") from error
+    saved = read_checkpoint(Path(checkpoint))
     hparams = saved.get("hyper_parameters") or {}
     accepted = inspect.signature(CausalLMModule.__init__).parameters
     module = CausalLMModule(**{key: value for key, value in hparams.items() if key in accepted})
@@ -50,6 +41,22 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
         tokenizer.chat_template = resolve_chat_template(data["chat_template"])
     card = model_card(dict(module.hparams), data, saved, merged=merge and module.lora is not None)
     return save_pretrained_folder(model, tokenizer, output, card=card)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict: a .ckpt file, or a sharded (FSDP) folder gathered in this process."""
+    try:
+        if not path.is_dir():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        # Lightning's own consolidation (what `python -m lightning.pytorch.utilities.consolidate_checkpoint`
+        # runs), in memory: the shards are read into full tensors, then the keys renamed as in a .ckpt file.
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+        saved = _load_distributed_checkpoint(path)
+        return _format_checkpoint(saved) if "model" in saved else saved
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SmolFactoryError(f"could not read checkpoint {path} ({first_line(error)})") from error
 
 
 def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, Any], merged: bool) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ from fsspec.implementations.local import LocalFileOpener
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory.callbacks import SaveOnInterrupt
 from smolfactory.errors import SmolFactoryError
 from tests.conftest import chat, write_jsonl
 from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
@@ -63,7 +66,8 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, signum):
     overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
     command = [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, "--config", overrides]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,14 +78,17 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
     while not any("Total params" in line for line in lines) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # a few training steps
-    process.terminate()  # SIGTERM
+    process.send_signal(signum)
     assert process.wait(timeout=120) == 0
     reader.join(timeout=10)
     output = "".join(lines)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert f"saved {last}. Resume with the same command plus --ckpt_path {last}" in output
     step = torch.load(last, weights_only=False)["global_step"]
-    assert step > 0 and f"SIGTERM at step {step}:" in output
+    cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert step > 0 and f"{cause} at step {step}:" in output and "Traceback" not in output
+    if signum == signal.SIGINT:
+        return  # the same handler as SIGTERM: resuming after Ctrl-C is checked exactly, in-process, below
     resumed = subprocess.run(
         [*command, f"--trainer.max_steps={step + 2}", "--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True
     )
@@ -103,33 +110,61 @@ class StepLosses(L.Callback):
         self.offset = trainer.global_step
 
 
-@pytest.mark.parametrize("group_by_length", [False, True], ids=["shuffled", "grouped"])
-def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length):
+class StopAt(L.Callback):
+    """An interruption after step 4 of a run meant to go on (the schedule is that of the whole run)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step == 4
+
+
+class CtrlCDuringStep4(L.Callback):
+    """Ctrl-C on the first micro-batch of step 4: SaveOnInterrupt must finish the step before it saves."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    "group_by_length, interruption",
+    [(False, StopAt), (True, StopAt), (False, CtrlCDuringStep4)],
+    ids=["shuffled", "grouped", "ctrl-c-while-accumulating"],
+)
+def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length, interruption):
     """2N steps straight equal N steps, a stop, and N resumed steps: every loss and the final weights."""
     rows = [chat(f"Question number {i}?", "Answer " * (1 + i % 5) + f"{i}.") for i in range(12)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-
-    class StopAt(L.Callback):  # an interruption: the run was meant to go on (same schedule length)
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            trainer.should_stop = trainer.global_step == 4
+    # Ctrl-C comes in the middle of an accumulation window (2 micro-batches of 1 per step).
+    batch_size, accumulate = (1, 2) if interruption is CtrlCDuringStep4 else (2, 1)
 
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)
         # LoRA dropout draws random numbers at every step: the RNG state must resume too.
         module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, dropout=0.1), learning_rate=1e-2)
         data = SFTDataModule(
-            tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=2, group_by_length=group_by_length
-        )
+            tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=batch_size,
+            group_by_length=group_by_length,
+        )  # fmt: skip
         losses = StepLosses()
         trainer = trainer_with_checkpoints(root, max_steps=8)
-        trainer.callbacks += [losses, StopAt()] if stop else [losses]
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.accumulate_grad_batches = accumulate
+        trainer.callbacks += [losses, SaveOnInterrupt()]
+        if stop and interruption is CtrlCDuringStep4:
+            trainer.callbacks.append(CtrlCDuringStep4())
+            with pytest.raises(SystemExit):  # Lightning's graceful exit, status 0
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        else:
+            trainer.callbacks += [StopAt()] if stop else []
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
-    # 6 batches an epoch: the stop at step 4 is mid-epoch, and the run goes on into the second epoch.
+    # 6 optimizer steps an epoch: the stop at step 4 is mid-epoch, and the run goes on into the second epoch.
     straight, straight_weights = run(tmp_path / "straight")
     first, _ = run(tmp_path / "stopped", stop=True)
-    second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(tmp_path / "stopped/checkpoints/last.ckpt"))
+    last = tmp_path / "stopped/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(last))
     assert len(straight) == 8 and len(first) == 4 and len(second) == 4
     assert first + second == pytest.approx(straight, abs=1e-6)
     for name, weight in straight_weights.items():

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 (ModelParallelStrategy, fully_shard per decoder layer) on 2 CPU processes, full and LoRA.
+"""DDP, FSDP2 (ModelParallelStrategy, fully_shard) and FSDP (FSDPStrategy) on 2 CPU processes, full and LoRA.
 
 Each run trains two steps of global batch 4 (2 ranks x 2 accumulated micro-batches of 1) on four examples
 of very different lengths, so every step sees all four. Its losses, first-step gradients and exported
@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from smolfactory.checkpoint_export import export_checkpoint
 from tests.conftest import write_jsonl
 from tests.distributed_run import VARIANTS, run
 from tests.test_loss_normalisation import RAGGED
@@ -30,6 +31,8 @@ def single_process(tiny_model_dir, tmp_path_factory):
     data = write_jsonl(folder / "ragged.jsonl", RAGGED)
     for variant in VARIANTS:
         run(variant, tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1)
+    run("lora", tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1, steps=4,
+        name="straight")  # fmt: skip
     return folder, data
 
 
@@ -40,7 +43,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp"])
 def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strategy):
     reference, data = single_process
     subprocess.run(
@@ -55,6 +58,9 @@ def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strat
         expected = json.loads((reference / f"{variant}.json").read_text())
         result = json.loads((tmp_path / f"{variant}.json").read_text())
         assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5), variant
+        # Sharded: one group per decoder layer (the tiny model has 2) plus the root; DDP shards nothing.
+        assert result["shard_groups"] == (0 if strategy == "ddp" else 3), variant
+        assert result["checkpointed"] == (2 if strategy == "fsdp" else 0), variant  # layers, as in fsdp.yaml
         assert result["gradients"].keys() == expected["gradients"].keys()
         for name, gradient in expected["gradients"].items():
             torch.testing.assert_close(torch.tensor(result["gradients"][name]), torch.tensor(gradient), atol=1e-6,
@@ -65,6 +71,22 @@ def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strat
         assert exported.keys() == single.keys()
         for name, tensor in single.items():
             torch.testing.assert_close(exported[name], tensor, atol=1e-4, rtol=1e-3, msg=f"{variant} {name}")
+    if strategy == "ddp":
+        return
+    # Sharded checkpoints: 2 steps, stop, resume for 2 more gives the last 2 of 4 straight steps, and
+    # `smolfactory export` reads the sharded checkpoint folder into the same adapter.
+    straight = json.loads((reference / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["losses"] == pytest.approx(straight["losses"][2:], abs=1e-5)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir()  # sharded
+    export_checkpoint(checkpoint, tmp_path / "from_checkpoint")
+    expected = weights(reference / "straight" / "final")
+    for folder in (tmp_path / "resumed" / "final", tmp_path / "from_checkpoint"):
+        exported = weights(folder)
+        assert exported.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(exported[name], tensor, atol=1e-4, rtol=1e-3, msg=f"{folder.name} {name}")
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp2"])

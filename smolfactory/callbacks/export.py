@@ -6,9 +6,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftModel, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
 
 from smolfactory.export import save_pretrained_folder
 from smolfactory.model.loading import load_tokenizer
@@ -25,22 +27,42 @@ class HFExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state_dict = None
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            # Sharded (FSDP2): every rank takes part in gathering the full weights; rank 0 writes them. The
-            # state dict of the strategy's root (the LightningModule) names the weights "model.<name>".
-            # (FSDPStrategy is not handled here yet: see the README.)
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            gathered = get_model_state_dict(trainer.strategy.model, options=options)
-            prefix = "model."
-            state_dict = {name[len(prefix) :]: value for name, value in gathered.items() if name.startswith(prefix)}
-            state_dict = without_tied_copies(pl_module.model, state_dict)
+        if isinstance(trainer.strategy, ModelParallelStrategy | FSDPStrategy):
+            state_dict = gather_full_state_dict(trainer.strategy, pl_module.model)
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
         folder = Path(trainer.default_root_dir) / self.dirname
-        path = save_pretrained_folder(pl_module.model, tokenizer, folder, state_dict=state_dict)
+        model = pl_module.model
+        if isinstance(trainer.strategy, FSDPStrategy) and isinstance(model, PeftModel):
+            # FSDP's wrappers put "_fsdp_wrapped_module." into the module names from which peft picks the
+            # adapter's weights out of a state dict; a wrapper-free copy names them as the gathered weights are.
+            model = adapter_skeleton(model)
+        path = save_pretrained_folder(model, tokenizer, folder, state_dict=state_dict)
         rank_zero_info(f"Saved the trained model to {path} (load it with from_pretrained)")
+
+
+def gather_full_state_dict(strategy: ModelParallelStrategy | FSDPStrategy, model: torch.nn.Module) -> dict:
+    """The full weights of a sharded model (FSDP2 or FSDP), named as in `model`; every rank must call this.
+
+    The strategy's root is the LightningModule, so its state dict names the weights "model.<name>". Off the
+    CPU the gathered tensors go to host memory on rank 0 only (the others get nothing); on the CPU that offload
+    is skipped, as FSDP's copy of a CPU tensor to the CPU crashes.
+    """
+    offload = strategy.root_device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    gathered = get_model_state_dict(strategy.model, options=options)
+    prefix = "model."
+    state_dict = {name[len(prefix) :]: value for name, value in gathered.items() if name.startswith(prefix)}
+    return without_tied_copies(model, state_dict)
+
+
+def adapter_skeleton(model: PeftModel) -> PeftModel:
+    """The same base architecture and adapter on the meta device (no memory, no weights), unwrapped."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(model.get_base_model().config)
+    return get_peft_model(base, model.peft_config[model.active_adapter])
 
 
 def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:

@@ -16,7 +16,7 @@ from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_mo
 from smolfactory.model.lora import LoraSettings, apply_lora
 from smolfactory.model.loss import label_token_loss
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
-from smolfactory.model.sharding import shard_decoder_layers
+from smolfactory.model.sharding import is_sharded, shard_decoder_layers, unwrapped_name
 
 # Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
 # Granite); the label-only loss calls the LM head directly and would skip that step.
@@ -229,8 +229,10 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The latest logged values (train_loss, val_loss, ...), for the model card `smolfactory export` writes.
         checkpoint["metrics"] = {name: float(value) for name, value in self.trainer.callback_metrics.items()}
-        if self.lora is not None:  # the frozen base is rebuilt from model_name: keep only what trains
-            trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        # The frozen base is rebuilt from model_name: keep only what trains. Not in a sharded checkpoint
+        # (FSDP's default), whose loader reads back every weight the model has; each rank holds its shard.
+        if self.lora is not None and not is_sharded(checkpoint["state_dict"]):
+            trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # Dropout draws from these generators: a resumed run continues their streams exactly. (Plain
         # tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).)

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from smolfactory.errors import SmolFactoryError
+
+# Segments that wrappers (FSDP, activation checkpointing, torch.compile) add to parameter names; state dicts
+# taken through those wrappers leave them out.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as it appears in a state dict: without the segments wrappers add."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_sharded(state_dict: dict) -> bool:
+    """Whether a state dict holds shards (FSDP's sharded state dict: DTensor or ShardedTensor values)."""
+    return any(isinstance(value, DTensor | ShardedTensor) for value in state_dict.values())
 
 
 def decoder_layer_class_names(model: PreTrainedModel) -> set[str]:
