@@ -48,6 +48,22 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_model_di
     assert torch.load(last, weights_only=False)["global_step"] == 2
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tiny_data, tmp_path, optimizer):  # noqa: F811
+    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=optimizer)
+    trainer_with_checkpoints(tmp_path, max_steps=2).fit(module, datamodule=tiny_data)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable
+    # Weights and both AdamW moments: 3 x 4 bytes a weight in fp32; bitsandbytes keeps the moments in 8 bits.
+    weight_bytes = 4 * sum(module.get_parameter(name).numel() for name in trainable)
+    expected = 3 * weight_bytes if optimizer == "adamw" else 1.5 * weight_bytes
+    assert expected < last.stat().st_size < expected + 200_000  # + loop, RNG and hyper-parameter state
+    base = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
+    assert last.stat().st_size < 0.1 * base
+
+
 def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     class TurnsNaN(CausalLMModule):
         def loss_terms(self, batch):
@@ -127,11 +143,16 @@ class CtrlCDuringStep4(L.Callback):
 
 
 @pytest.mark.parametrize(
-    "group_by_length, interruption",
-    [(False, StopAt), (True, StopAt), (False, CtrlCDuringStep4)],
-    ids=["shuffled", "grouped", "ctrl-c-while-accumulating"],
+    "group_by_length, interruption, optimizer",
+    [
+        (False, StopAt, "adamw"),
+        (True, StopAt, "adamw"),
+        (False, CtrlCDuringStep4, "adamw"),
+        (False, StopAt, "adamw_8bit"),
+    ],
+    ids=["shuffled", "grouped", "ctrl-c-while-accumulating", "adamw-8bit"],
 )
-def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length, interruption):
+def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length, interruption, optimizer):
     """2N steps straight equal N steps, a stop, and N resumed steps: every loss and the final weights."""
     rows = [chat(f"Question number {i}?", "Answer " * (1 + i % 5) + f"{i}.") for i in range(12)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -141,7 +162,8 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)
         # LoRA dropout draws random numbers at every step: the RNG state must resume too.
-        module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, dropout=0.1), learning_rate=1e-2)
+        lora = LoraSettings(r=4, dropout=0.1)
+        module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2, optimizer=optimizer)
         data = SFTDataModule(
             tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=batch_size,
             group_by_length=group_by_length,

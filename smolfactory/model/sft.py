@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import random
 from typing import Literal
 
@@ -33,6 +34,7 @@ class CausalLMModule(L.LightningModule):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
@@ -50,6 +52,8 @@ class CausalLMModule(L.LightningModule):
             learning_rate: Peak AdamW learning rate, reached after the warm-up.
             weight_decay: AdamW weight decay, applied to matrices only (not to norms or biases).
             betas: AdamW beta coefficients.
+            optimizer: adamw (torch), or adamw_8bit (bitsandbytes: its two moments in 8 bits, a quarter of the
+                memory and checkpoint space; single device or DDP).
             warmup_steps: Optimizer steps of linear warm-up from zero to the peak learning rate.
             min_lr_ratio: Final learning rate of the cosine decay, as a fraction of the peak.
             attn_implementation: Attention kernel of the transformers model: sdpa, eager or flash_attention_2.
@@ -63,6 +67,10 @@ class CausalLMModule(L.LightningModule):
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise SmolFactoryError(
                 f"model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"
+            )
+        if optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SmolFactoryError(
+                "model.optimizer: adamw_8bit needs bitsandbytes; pip install 'smolfactory[quant]' (bitsandbytes>=0.50)"
             )
         self.save_hyperparameters()
         # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here,
@@ -265,7 +273,11 @@ class CausalLMModule(L.LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
+        if self.hparams.optimizer == "adamw_8bit":
+            from bitsandbytes.optim import AdamW8bit as AdamW
+        else:
+            AdamW = torch.optim.AdamW  # noqa: N806 (a class)
+        optimizer = AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, self.hparams.warmup_steps, self._total_steps(), min_lr_rate=self.hparams.min_lr_ratio
         )
