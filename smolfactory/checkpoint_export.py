@@ -45,6 +45,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint as one dict: a .ckpt file, or a sharded (FSDP) folder gathered in this process."""
+    if path.is_dir() and not (path / ".metadata").is_file():
+        raise SmolFactoryError(
+            f"{path} is a folder without .metadata, so not a sharded checkpoint; pass a .ckpt file or the folder "
+            "a sharded (FSDP) run saved"
+        )
     try:
         if not path.is_dir():
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -42,9 +42,10 @@ def test_export_adapter_and_merged_give_the_trained_logits(tiny_model_dir, tiny_
     assert all(words in card for words in method)
 
 
-def test_export_of_a_sharded_checkpoint_folder_says_how_to_consolidate(tmp_path, capsys):
+def test_export_of_a_folder_that_is_no_sharded_checkpoint_is_one_line(tmp_path, capsys):
+    # (Sharded checkpoint folders themselves are exported in tests/test_distributed.py.)
     (tmp_path / "last.ckpt").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--checkpoint", str(tmp_path / "last.ckpt"), "--output", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert "consolidate_checkpoint" in capsys.readouterr().err
+    assert "last.ckpt is a folder without .metadata, so not a sharded checkpoint" in capsys.readouterr().err
