@@ -1,0 +1,145 @@
+"""Real-token throughput and model FLOPs utilisation (MFU) during fit."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from smolfactory.model.loss import IGNORE_INDEX
+
+
+class TokenThroughput(L.Callback):
+    def __init__(self, peak_flops: float | None = None) -> None:
+        """Log real (non-padding) tokens/s and MFU at every logging step, and a summary when fit ends.
+
+        MFU counts the matrix multiplies a step needs: every linear layer forward and backward through the
+        activations, weight gradients of the trained ones only, and the LM head at label positions only.
+        Attention scores are left out, so the figure is a slight underestimate.
+
+        Args:
+            peak_flops: The device's matmul peak in FLOP/s per device; null measures it when fit starts (a
+                large matrix multiply in the training's compute dtype).
+        """
+        self.peak_flops = peak_flops
+        self._tokens = 0  # real tokens (all ranks) since fit started
+        self._flops = 0.0
+        self._seconds = 0.0
+        self._started: float | None = None
+        self._step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        self.body_flops, self.head_flops = flops_per_token(pl_module.model)
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_peak(pl_module.device, compute_dtype(trainer.precision))
+        rank_zero_info(f"Matmul peak for MFU: {self.peak_flops / 1e9:.1f} GFLOP/s per device")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *args) -> None:
+        if self._started is None:  # after validation or at the start: time training only
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
+        counts = torch.tensor([real_tokens(batch), label_tokens(batch)], device=pl_module.device, dtype=torch.float64)
+        tokens, labels = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        self._tokens += int(tokens)
+        self._flops += tokens * self.body_flops + labels * self.head_flops
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        if not stepped or trainer.global_step % trainer.log_every_n_steps:  # log after optimizer steps only
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self._seconds += now - self._started
+        self._started = now
+        pl_module.log_dict(self.metrics(trainer.world_size), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and self._started is not None:
+            self._seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._started is not None:
+            self._seconds += time.perf_counter() - self._started
+            self._started = None
+        metrics = self.metrics(trainer.world_size)
+        rank_zero_info(
+            f"Trained {self._tokens:,} real tokens in {self._seconds:.1f} s: "
+            f"{metrics['train_tokens_per_sec']:,.0f} tokens/s, MFU {100 * metrics['train_mfu']:.1f}%"
+        )
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        seconds = max(self._seconds, 1e-9)
+        return {
+            "train_tokens_per_sec": self._tokens / seconds,
+            "train_mfu": self._flops / seconds / (self.peak_flops * world_size),
+        }
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    input_ids = batch["input_ids"]
+    if "position_ids" not in batch:
+        return input_ids.numel()
+    # A packed row shorter than the batch ends in a padding run: the last run of positions, with no label.
+    positions, labels = batch["position_ids"], batch["labels"]
+    total = input_ids.numel()
+    for row in range(positions.shape[0]):
+        starts = torch.nonzero(positions[row] == 0).flatten()
+        tail = int(starts[-1]) if len(starts) else 0
+        if tail > 0 and (labels[row, tail:] == IGNORE_INDEX).all():
+            total -= positions.shape[1] - tail
+    return total
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Positions whose next token is trained: where the LM head runs."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
+    """FLOPs a training token costs in the decoder body, and at a label position in the LM head.
+
+    A linear layer of N weights costs 2N in the forward pass, 2N for the gradient of its input and, when its
+    weight trains, 2N for that gradient.
+    """
+    head = model.get_output_embeddings()
+    body = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            weights = module.in_features * module.out_features
+            body += (6 if module.weight.requires_grad else 4) * weights
+    head_weights = head.in_features * head.out_features
+    return body, (6 if head.weight.requires_grad else 4) * head_weights
+
+
+def compute_dtype(precision: str | int | None) -> torch.dtype:
+    """The dtype matrix multiplies run in under a Lightning precision setting."""
+    text = str(precision)
+    if text.startswith("bf16"):
+        return torch.bfloat16
+    if text.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """FLOP/s of a large square matrix multiply on `device` in `dtype` (the best of a few runs)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

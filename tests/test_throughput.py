@@ -1,0 +1,73 @@
+"""TokenThroughput counts the real tokens and the FLOPs of a step the way they can be counted by hand."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory.callbacks import TokenThroughput
+from smolfactory.callbacks.throughput import flops_per_token, real_tokens
+from smolfactory.data.collate import packed_collate, pad_collate
+from smolfactory.model.lora import apply_lora
+from tests.conftest import chat, write_jsonl
+
+IGNORE = -100
+
+
+def example(length: int, start: int) -> dict[str, list[int]]:
+    ids = list(range(start, start + length))
+    return {"input_ids": ids, "labels": [IGNORE, *ids[1:]]}
+
+
+@pytest.mark.parametrize("collate", ["padded", "packed"])
+def test_real_tokens_leave_out_exactly_the_padding(collate):
+    lengths = [[5, 3], [7], [2, 2, 1]]  # rows of examples (packed) or single examples (padded)
+    rows = [[example(n, 10 * i + j) for j, n in enumerate(row)] for i, row in enumerate(lengths)]
+    if collate == "packed":
+        batch = packed_collate(rows, pad_token_id=0)
+    else:
+        batch = pad_collate([e for row in rows for e in row], pad_token_id=0)
+    assert batch["input_ids"].numel() > sum(map(sum, lengths))  # there is padding to leave out
+    assert real_tokens(batch) == sum(map(sum, lengths))
+
+
+def test_flops_per_token_match_the_layer_shapes(tiny_model_dir):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # Full fine-tuning: 6 FLOPs a weight (forward, input gradient, weight gradient).
+    assert flops_per_token(model) == (6 * layers * per_layer, 6 * h * config.vocab_size)
+    # LoRA r=4 on every linear layer: the frozen weights cost 4, the adapters (r x (in + out)) 6.
+    lora_weights = 4 * layers * (2 * (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+    model = apply_lora(model, LoraSettings(r=4))
+    body, head = flops_per_token(model)
+    assert body == 4 * layers * per_layer + 6 * lora_weights
+    assert head == 4 * h * config.vocab_size
+
+
+def test_fit_logs_tokens_per_second_and_mfu(tiny_model_dir, tmp_path):
+    rows = [chat(f"Question {i}?", "Answer " * (1 + 3 * i)) for i in range(4)]
+    data = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(write_jsonl(tmp_path / "d.jsonl", rows)),
+                         val_split=0, batch_size=2)  # fmt: skip
+    data.prepare_data()
+    data.setup("fit")
+    lengths = [len(e["input_ids"]) for e in data.train_data]
+    throughput = TokenThroughput()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, callbacks=[throughput],
+    )  # fmt: skip
+    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=data)
+    assert throughput._tokens == 2 * sum(lengths)  # 4 steps of 2 examples: two epochs
+    metrics = trainer.callback_metrics
+    assert metrics["train_tokens_per_sec"] > 0
+    assert 0 < metrics["train_mfu"] < 1
+    # The MFU is the counted FLOPs over the time and the measured peak: recompute it from the tokens/s.
+    seconds = throughput._tokens / metrics["train_tokens_per_sec"].item()
+    assert metrics["train_mfu"].item() == pytest.approx(throughput._flops / seconds / throughput.peak_flops)
+    assert torch.isfinite(metrics["train_mfu"])
