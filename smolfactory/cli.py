@@ -19,6 +19,7 @@ from smolfactory import checkpoint_export
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
+from smolfactory.callbacks.throughput import TokenThroughput
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
@@ -45,7 +46,8 @@ class SmolFactoryTrainer(L.Trainer):
 
 
 class SmolFactoryCLI(LightningCLI):
-    """LightningCLI over CausalLMModule and SFTDataModule, with HFExport and PredictionWriter always on."""
+    """LightningCLI over CausalLMModule and SFTDataModule, with the export, predictions, interrupt and throughput
+    callbacks always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
@@ -69,6 +71,7 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
 
 
 def main(args: list[str] | None = None) -> None:
