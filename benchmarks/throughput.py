@@ -93,7 +93,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool) 
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
     trained = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train_data)
-    tokens = sum(real_tokens(batch) for batch in data.train_dataloader())
+    tokens = sum(int(real_tokens(batch)) for batch in data.train_dataloader())
     return {"tokens": tokens, "trained_tokens": trained, "train_seconds": throughput._seconds, "wall": wall,
             "loss": sum(losses.values) / len(losses.values), "mfu": throughput.metrics(1)["train_mfu"]}  # fmt: skip
 

@@ -29,6 +29,7 @@ class TokenThroughput(L.Callback):
         self._seconds = 0.0
         self._started: float | None = None
         self._step = 0
+        self._pending: torch.Tensor | None = None  # (real tokens, label tokens) not yet collected
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
@@ -42,19 +43,26 @@ class TokenThroughput(L.Callback):
             self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
-        counts = torch.tensor([real_tokens(batch), label_tokens(batch)], device=pl_module.device, dtype=torch.float64)
-        tokens, labels = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        self._tokens += int(tokens)
-        self._flops += tokens * self.body_flops + labels * self.head_flops
+        # Counted on the device, without waiting for it: the host syncs (and ranks reduce) only when logging.
+        counts = torch.stack([real_tokens(batch), label_tokens(batch)])
+        self._pending = counts if self._pending is None else self._pending + counts
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
         if not stepped or trainer.global_step % trainer.log_every_n_steps:  # log after optimizer steps only
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
+        self._collect(trainer)
         now = time.perf_counter()
         self._seconds += now - self._started
         self._started = now
         pl_module.log_dict(self.metrics(trainer.world_size), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _collect(self, trainer: L.Trainer) -> None:
+        """Add the counts since the last call, summed over ranks (every rank calls this at the same step)."""
+        if self._pending is None:
+            return
+        tokens, labels = trainer.strategy.reduce(self._pending.double(), reduce_op="sum").tolist()
+        self._pending = None
+        self._tokens += int(tokens)
+        self._flops += tokens * self.body_flops + labels * self.head_flops
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and self._started is not None:
@@ -62,6 +70,7 @@ class TokenThroughput(L.Callback):
             self._started = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer)
         if self._started is not None:
             self._seconds += time.perf_counter() - self._started
             self._started = None
@@ -79,27 +88,25 @@ class TokenThroughput(L.Callback):
         }
 
 
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch."""
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch, as a 0-dim tensor."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+        return batch["attention_mask"].sum()
     input_ids = batch["input_ids"]
     if "position_ids" not in batch:
-        return input_ids.numel()
-    # A packed row shorter than the batch ends in a padding run: the last run of positions, with no label.
+        return torch.tensor(input_ids.numel(), device=input_ids.device)
+    # A packed row shorter than the batch ends in a padding run: its last run of positions, with no label.
     positions, labels = batch["position_ids"], batch["labels"]
-    total = input_ids.numel()
-    for row in range(positions.shape[0]):
-        starts = torch.nonzero(positions[row] == 0).flatten()
-        tail = int(starts[-1]) if len(starts) else 0
-        if tail > 0 and (labels[row, tail:] == IGNORE_INDEX).all():
-            total -= positions.shape[1] - tail
-    return total
+    index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+    last_start = torch.where(positions == 0, index, 0).amax(dim=1, keepdim=True)
+    in_last_run = index >= last_start
+    padding_run = (last_start.squeeze(1) > 0) & ~((labels != IGNORE_INDEX) & in_last_run).any(dim=1)
+    return positions.numel() - (in_last_run.sum(dim=1) * padding_run).sum()
 
 
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions whose next token is trained: where the LM head runs."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Positions whose next token is trained (where the LM head runs), as a 0-dim tensor."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 def flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
