@@ -4,22 +4,36 @@
     .venv/bin/python benchmarks/throughput.py --dataset ../shared/data/alpaca_en_demo.json --examples 120
         [--model builtin:smollm2-135m-instruct] [--full] [--max-length 512] [--batch-size 4]
         [--precision 32-true|bf16-mixed] [--runs smolfactory smolfactory-packed trl-default trl-best]
+        [--max-steps N] [--memory]
 
-Each run trains one epoch over the same examples (Alpaca rows or chat rows become one user and one
-assistant turn; only the assistant turn is trained) in a process of its own, so that peak memory is its own.
-It prints real (non-padding) tokens/s over the training loop, wall time, peak memory (CUDA: allocated;
-CPU: resident set), the mean training loss and the ratio to TRL's default configuration.
+Each run trains one epoch (or --max-steps optimizer steps) over the same examples (Alpaca rows or chat rows
+become one user and one assistant turn; only the assistant turn is trained) in a process of its own. It
+prints real (non-padding) tokens/s over the training loop, wall time, the peak memory the training loop
+added to the loaded model (CUDA: allocated bytes; CPU: resident set), the mean training loss as each tool
+logs it, the final loss, and the ratio to TRL's default configuration.
 
-TRL runs: `trl-default` (SFTConfig defaults: padded batches, gradient checkpointing on) and `trl-best`
-(packing, padding-free, no gradient checkpointing). Both use prompt-completion rows, so TRL trains the
-completion only, as smolfactory trains the assistant turn. Learning rate constant in both.
+The final loss is one computation for every run: after training, the token mean of the cross-entropy over
+every example's assistant turn (the same rendering and the same mask), so that it does not depend on how
+each tool batches, orders or averages its steps.
+
+On the CPU, glibc keeps freed memory in its arenas, so the resident set overstates live tensors by gigabytes
+and depends on the order of allocations. `--memory` runs the children with MALLOC_MMAP_THRESHOLD_=131072:
+large tensors are then mapped and unmapped one by one and the resident set follows live memory (the steps
+are slower, so take speed from runs without it).
+
+TRL runs: `trl-default` (SFTConfig defaults: padded batches, gradient checkpointing on), `trl-best`
+(packing, padding-free, no gradient checkpointing) and `trl-packed-ckpt` (packing, padding-free, gradient
+checkpointing). All use prompt-completion rows, so TRL trains the completion only, as smolfactory trains the
+assistant turn. Learning rate constant in all. smolfactory runs: padded, packed, packed with gradient
+checkpointing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +43,7 @@ from pathlib import Path
 import torch
 
 RUNS = ["smolfactory", "smolfactory-packed", "trl-default", "trl-best"]
+MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt"]
 LEARNING_RATE = 2e-4
 
 
@@ -52,13 +67,50 @@ def read_rows(path: str, examples: int) -> list[dict]:
     return pairs
 
 
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+class TrainingMemory:
+    """Peak memory the training loop adds to what was held when it started (the loaded model and data)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.start_mb = device, 0.0
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident set restarts from now
+            self.start_mb = self._status_mb("VmRSS")
+
+    def peak_mb(self) -> float:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20 - self.start_mb
+        return self._status_mb("VmHWM") - self.start_mb
+
+    @staticmethod
+    def _status_mb(field: str) -> float:
+        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool) -> dict:
+@torch.no_grad()
+def final_loss(model: torch.nn.Module, tokenizer, pairs: list[dict], max_length: int, device: str) -> float:
+    """Token-mean cross-entropy of the assistant turns (prompt masked), one example at a time: the same
+    computation for every tool, whatever its batching."""
+    model.eval()
+    total, count = 0.0, 0
+    for pair in pairs:
+        prompt = [{"role": "user", "content": pair["user"]}]
+        full = [*prompt, {"role": "assistant", "content": pair["assistant"]}]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = tokenizer.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"][:max_length]
+        labels = torch.tensor(ids[1:], device=device)
+        labels[: len(prompt_ids["input_ids"]) - 1] = -100
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, checkpointing: bool) -> dict:
     import lightning as L
 
     from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
@@ -72,36 +124,44 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool) 
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     L.seed_everything(0)
     lora = None if args.full else LoraSettings(r=16, alpha=32, dropout=0.0)
-    module = CausalLMModule(model_name=args.model, lora=lora, learning_rate=LEARNING_RATE, min_lr_ratio=1.0)
+    module = CausalLMModule(model_name=args.model, lora=lora, learning_rate=LEARNING_RATE, min_lr_ratio=1.0,
+                            gradient_checkpointing=checkpointing)  # fmt: skip
     data = SFTDataModule(tokenizer=args.model, dataset=str(path), val_split=0, max_length=args.max_length,
                          batch_size=args.batch_size, packing=packing)  # fmt: skip
-    throughput = TokenThroughput()
+    throughput, memory = TokenThroughput(), TrainingMemory(args.device)
 
-    class Losses(L.Callback):
-        values: list[float] = []
+    class Record(L.Callback):
+        losses: list[float] = []
+        tokens = 0
+
+        def on_train_start(self, trainer, pl_module):
+            memory.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.values.append(trainer.callback_metrics["train_loss"].item())
+            self.losses.append(trainer.callback_metrics["train_loss"].item())
+            self.tokens += int(real_tokens(batch))
 
-    losses = Losses()
+    record = Record()
     trainer = L.Trainer(
-        accelerator=args.device, devices=1, precision=args.precision, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        log_every_n_steps=1, callbacks=[throughput, losses], default_root_dir=folder,
+        accelerator=args.device, devices=1, precision=args.precision, max_epochs=1, max_steps=args.max_steps or -1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, log_every_n_steps=1, callbacks=[throughput, record], default_root_dir=folder,
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
     trained = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train_data)
-    tokens = sum(int(real_tokens(batch)) for batch in data.train_dataloader())
-    return {"tokens": tokens, "trained_tokens": trained, "train_seconds": throughput._seconds, "wall": wall,
-            "loss": sum(losses.values) / len(losses.values), "mfu": throughput.metrics(1)["train_mfu"]}  # fmt: skip
+    peak_mb = memory.peak_mb()
+    return {"tokens": record.tokens, "trained_tokens": trained, "train_seconds": throughput._seconds, "wall": wall,
+            "peak_mb": peak_mb, "loss": sum(record.losses) / len(record.losses),
+            "final_loss": final_loss(module.model, data.tokenizer, pairs, args.max_length, args.device),
+            "mfu": throughput.metrics(1)["train_mfu"]}  # fmt: skip
 
 
-def run_trl(args: argparse.Namespace, pairs: list[dict], best: bool) -> dict:
+def run_trl(args: argparse.Namespace, pairs: list[dict], packing: bool, checkpointing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from smolfactory.model import resolve_model_path
@@ -111,32 +171,43 @@ def run_trl(args: argparse.Namespace, pairs: list[dict], best: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     rows = [{"prompt": [{"role": "user", "content": p["user"]}],
              "completion": [{"role": "assistant", "content": p["assistant"]}]} for p in pairs]  # fmt: skip
-    options = {"packing": True, "padding_free": True, "gradient_checkpointing": False} if best else {}
+    options = {"packing": True, "padding_free": True} if packing else {}
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", num_train_epochs=1, logging_steps=1,
         report_to=[], save_strategy="no", bf16=args.precision.startswith("bf16"), use_cpu=args.device == "cpu",
-        dataloader_num_workers=0, seed=0, **options,
+        dataloader_num_workers=0, seed=0, gradient_checkpointing=checkpointing, max_steps=args.max_steps or -1,
+        **options,
     )  # fmt: skip
+    memory = TrainingMemory(args.device)
+
+    class StartMemory(TrainerCallback):
+        def on_train_begin(self, *unused, **kwargs):
+            memory.start()
+
     peft_config = None if args.full else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=peft_config)  # fmt: skip
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+                         peft_config=peft_config, callbacks=[StartMemory()])  # fmt: skip
+    steps = args.max_steps or len(trainer.get_train_dataloader())
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"][: steps * args.batch_size])
     trained = sum(sum(1 for t in labels if t != -100) for labels in trainer.train_dataset["labels"])
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
+    peak_mb = memory.peak_mb()
+    loss = final_loss(trainer.model, tokenizer, pairs, args.max_length, args.device)
     return {"tokens": tokens, "trained_tokens": trained, "train_seconds": result.metrics["train_runtime"],
-            "wall": wall, "loss": result.metrics["train_loss"], "mfu": None}  # fmt: skip
+            "wall": wall, "peak_mb": peak_mb, "loss": result.metrics["train_loss"], "final_loss": loss,
+            "mfu": None}  # fmt: skip
 
 
 def run_one(args: argparse.Namespace) -> None:
     pairs = read_rows(args.dataset, args.examples)
+    checkpointing = args.run in ("trl-default", "smolfactory-packed-ckpt", "trl-packed-ckpt")
     if args.run.startswith("smolfactory"):
-        result = run_smolfactory(args, pairs, packing=args.run.endswith("packed"))
+        result = run_smolfactory(args, pairs, packing="packed" in args.run, checkpointing=checkpointing)
     else:
-        result = run_trl(args, pairs, best=args.run == "trl-best")
-    result["peak_mb"] = peak_memory_mb(args.device)
+        result = run_trl(args, pairs, packing=args.run != "trl-default", checkpointing=checkpointing)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -150,7 +221,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default=None, help="32-true (default on CPU) or bf16-mixed (default on CUDA)")
-    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS + MORE_RUNS)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--memory", action="store_true", help="CPU: resident set that follows live tensors (slower)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
@@ -160,7 +233,8 @@ def main() -> None:
     results = {}
     for name in args.runs:
         command = [sys.executable, __file__, *sys.argv[1:], "--run", name]
-        process = subprocess.run(command, capture_output=True, text=True)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.memory else None
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
         if process.returncode or not lines:
             print(f"{name}: failed\n{process.stderr[-3000:]}", file=sys.stderr)
@@ -174,7 +248,8 @@ def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
     print(f"\n{args.model}, {method}, {args.precision} on {args.device}, {args.examples} examples of {args.dataset}, "
           f"batch {args.batch_size}, max_length {args.max_length}\n")  # fmt: skip
     baseline = results.get("trl-default")
-    columns = ["run", "real tokens", "trained tokens", "tokens/s", "train s", "wall s", "peak MB", "mean loss", "MFU"]
+    columns = ["run", "real tokens", "trained tokens", "tokens/s", "train s", "wall s", "training peak MB",
+               "mean train loss", "final loss", "MFU"]  # fmt: skip
     print("| " + " | ".join([*columns, "vs TRL default"]) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name, r in results.items():
@@ -182,7 +257,8 @@ def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
         ratio = f"{speed / (baseline['tokens'] / baseline['train_seconds']):.2f}x" if baseline else "-"
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
         print(f"| {name} | {r['tokens']:,} | {r['trained_tokens']:,} | {speed:.0f} | {r['train_seconds']:.0f} | "
-              f"{r['wall']:.0f} | {r['peak_mb']:,.0f} | {r['loss']:.4f} | {mfu} | {ratio} |")  # fmt: skip
+              f"{r['wall']:.0f} | {r['peak_mb']:,.0f} | {r['loss']:.4f} | {r['final_loss']:.4f} | {mfu} | "
+              f"{ratio} |")  # fmt: skip
 
 
 if __name__ == "__main__":

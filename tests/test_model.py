@@ -174,3 +174,38 @@ def test_lora_checkpoint_holds_only_trainable_weights(tiny_model_dir, tiny_data,
 def test_bad_model_settings_fail_when_the_module_is_built(kwargs, message):
     with pytest.raises(SmolFactoryError, match=message):
         CausalLMModule(**kwargs)
+
+
+def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data, tmp_path):
+    """On the CPU the optimizer is torch's fused AdamW; its weights after 3 steps equal those of the
+    single-tensor (for-loop) implementation run on the same gradients."""
+
+    class ReferenceAdamW(CausalLMModule):
+        def configure_optimizers(self):
+            config = super().configure_optimizers()
+            fused = config["optimizer"]
+            assert fused.defaults["fused"] is True
+            config["optimizer"] = torch.optim.AdamW(fused.param_groups, foreach=False, fused=False)
+            config["lr_scheduler"]["scheduler"].optimizer = config["optimizer"]
+            return config
+
+    weights = []
+    for module_class in (CausalLMModule, ReferenceAdamW):
+        module = module_class(model_name=tiny_model_dir, lora=None, learning_rate=1e-2, weight_decay=0.1)
+        fit(module, tiny_data, tmp_path, max_steps=3)
+        weights.append({name: p.detach().clone() for name, p in module.named_parameters()})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], atol=1e-6, rtol=1e-5)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert (weights[0]["model.model.norm.weight"] - start["model.norm.weight"]).abs().max() > 1e-3  # it trained
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tiny_data, tmp_path):
+    losses = []
+    for compiled in (False, True):
+        module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2, compile=compiled)
+        losses.append(fit(module, tiny_data, tmp_path, max_steps=3).losses)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert module.model._compiled_call_impl is not None
+    assert all("_orig_mod" not in name for name in module.state_dict())  # checkpoint keys unchanged

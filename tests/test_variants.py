@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -113,6 +114,7 @@ def test_weights_dtype_is_kept_apart_from_the_precision(tiny_model_dir, tiny_dat
         ({"weights": "float16", "precision": "32-true"}, "needs loss scaling"),
         ({"freeze_embeddings": True}, "for full fine-tuning"),
         ({"attn_implementation": "flash_attention_2", "precision": "32-true"}, "CUDA GPUs only"),
+        ({"liger": True, "precision": "32-true"}, "Liger's Triton kernels run on CUDA GPUs only"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(settings, message):
@@ -128,6 +130,13 @@ def test_combinations_that_cannot_work_are_refused(settings, message):
     with pytest.raises(SmolFactoryError, match=message):
         check_combination(**{**arguments, **settings})
     check_combination(**arguments)  # the defaults work
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
+def test_liger_without_the_package_is_one_line(tiny_model_dir):
+    module = CausalLMModule(model_name=tiny_model_dir, liger=True)
+    with pytest.raises(SmolFactoryError, match="needs the liger-kernel package; pip install liger-kernel"):
+        module.configure_model()
 
 
 def test_a_bad_combination_is_one_line_from_the_cli(tmp_path, tiny_model_dir, capsys):

@@ -53,6 +53,7 @@ def check_combination(
     lora: bool,
     attn_implementation: str,
     freeze_embeddings: bool,
+    liger: bool = False,
 ) -> None:
     """One-line errors for settings that cannot work together (``precision`` None: no Trainer yet)."""
     if quantization and not lora:
@@ -80,3 +81,5 @@ def check_combination(
                 "model.attn_implementation: flash_attention_2 needs the flash-attn package "
                 "(pip install flash-attn --no-build-isolation); or use sdpa"
             )
+    if liger and precision is not None and not on_cuda:
+        raise SmolFactoryError("model.liger: Liger's Triton kernels run on CUDA GPUs only; set model.liger: false")
