@@ -4,6 +4,8 @@ smolfactory fit --config configs/quickstart.yaml
 smolfactory fit --config configs/quickstart.yaml --print_config
 smolfactory preview --config configs/quickstart.yaml
 smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill --merge
+smolfactory chat --model outputs/quickstart/final
+smolfactory plot outputs/quickstart
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from smolfactory import checkpoint_export
+from smolfactory import chat, checkpoint_export, plot
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
@@ -81,8 +83,15 @@ def main(args: list[str] | None = None) -> None:
     args = ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args[:1] == ["export"]:  # a checkpoint and a folder, no training config: not a Trainer subcommand
+        # Not Trainer subcommands: no training config, their own few options.
+        if args[:1] == ["export"]:
             checkpoint_export.main(args[1:])
+            return
+        if args[:1] == ["chat"]:
+            chat.main(args[1:])
+            return
+        if args[:1] == ["plot"]:
+            plot.main(args[1:])
             return
         SmolFactoryCLI(args=args)
     except SmolFactoryError as error:
