@@ -72,7 +72,7 @@ def time_mode(module: CausalLMModule, args: argparse.Namespace, mode: str) -> di
         if step == 1:  # the first batch warms up kernels and allocators
             synchronize(args.device)
             start = time.perf_counter()
-        loss_sum, count = module.loss_terms(batch)
+        loss_sum, count, _ = module.loss_terms(batch)
         (loss_sum / count).backward()
         if step >= 1:
             real += batch_real
@@ -94,13 +94,13 @@ def isolation_gap(module: CausalLMModule, args: argparse.Namespace) -> tuple[flo
     batch = to_device(packed_collate(rows, datamodule.tokenizer.pad_token_id), args.device)
     module.eval()
     with torch.no_grad():
-        packed_sum, packed_count = module.loss_terms(batch)
+        packed_sum, packed_count, _ = module.loss_terms(batch)
         total, count = 0.0, 0
         for example in (example for row in rows for example in row):
             input_ids = torch.tensor([example["input_ids"]], device=args.device)
             labels = torch.tensor([example["labels"]], device=args.device)
             hidden = module.causal_lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-            loss_sum, n = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
+            loss_sum, n, _ = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
             total, count = total + loss_sum.item(), count + n.item()
     assert packed_count.item() == count and IGNORE_INDEX in batch["labels"]
     return (packed_sum / packed_count).item(), total / count, sum(len(row) for row in rows)

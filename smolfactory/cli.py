@@ -21,6 +21,7 @@ from smolfactory import chat, checkpoint_export, plot
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
+from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.callbacks.throughput import TokenThroughput
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
@@ -48,8 +49,8 @@ class SmolFactoryTrainer(L.Trainer):
 
 
 class SmolFactoryCLI(LightningCLI):
-    """LightningCLI over CausalLMModule and SFTDataModule, with the export, predictions, interrupt and throughput
-    callbacks always on."""
+    """LightningCLI over CausalLMModule and SFTDataModule, with the export, predictions, interrupt, throughput and
+    generation-samples callbacks always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
@@ -74,6 +75,7 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        parser.add_lightning_class_args(GenerationSamples, "samples")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -44,7 +44,7 @@ def draw(series: Series, output: Path, title: str) -> None:
     """Losses (log scale when they span a decade) above, learning rates below; written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no display backend needed
 
-    losses = {name: points for name, points in series.items() if name.endswith("loss") or "loss_" in name}
+    losses = {name: points for name, points in series.items() if name.endswith("loss")}  # not the _epoch means
     rates: Series = {}
     for name, points in series.items():  # param groups with the same schedule (lr-AdamW/pg1, /pg2): one line
         if name.startswith("lr") and points not in rates.values():

@@ -67,8 +67,8 @@ def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tin
 def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     class TurnsNaN(CausalLMModule):
         def loss_terms(self, batch):
-            loss_sum, count = super().loss_terms(batch)
-            return (loss_sum * float("nan"), count) if self.trainer.global_step == 2 else (loss_sum, count)
+            terms = super().loss_terms(batch)
+            return terms._replace(loss_sum=terms.loss_sum * float("nan")) if self.trainer.global_step == 2 else terms
 
     module = TurnsNaN(model_name=tiny_model_dir, lora=LoraSettings(r=4))
     with pytest.raises(SmolFactoryError, match=r"became nan at step 3; last good checkpoint: .*last\.ckpt"):

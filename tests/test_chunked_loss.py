@@ -30,12 +30,20 @@ def inputs(bias: bool, train_head: bool):
 @pytest.mark.parametrize("train_head", [False, True], ids=["frozen-head", "trained-head"])
 def test_chunked_loss_and_gradients_equal_the_plain_computation(bias, train_head):
     hidden, head, labels = inputs(bias, train_head)
+    with torch.no_grad():  # make about half of the trained targets the model's own argmax (for token accuracy)
+        predicted = head(hidden[:, :-1]).argmax(-1)
+        right = (torch.rand(predicted.shape) < 0.5) & (labels[:, 1:] != IGNORE_INDEX)
+        labels[:, 1:][right] = predicted[right]
     expected = reference(hidden, head, labels)
     expected_grads = torch.autograd.grad(expected * 0.37, [hidden, *[p for p in head.parameters() if p.requires_grad]])
     # 7 positions a chunk: about 7 chunks, the last one short.
-    loss_sum, count = label_token_loss(hidden, head, labels, chunk_size=7)
+    loss_sum, count, correct = label_token_loss(hidden, head, labels, chunk_size=7)
     grads = torch.autograd.grad(loss_sum * 0.37, [hidden, *[p for p in head.parameters() if p.requires_grad]])
     assert count == (labels[:, 1:] != IGNORE_INDEX).sum()
+    # Token accuracy's count, against the argmax of the full logits at the trained positions.
+    trained = labels[:, 1:] != IGNORE_INDEX
+    assert correct == (predicted[trained] == labels[:, 1:][trained]).sum() >= right.sum() > 0
+    assert not correct.requires_grad
     torch.testing.assert_close(loss_sum, expected, atol=1e-5, rtol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
@@ -45,7 +53,7 @@ def test_chunked_loss_under_bf16_autocast_multiplies_in_bf16():
     hidden, head, labels = inputs(bias=False, train_head=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference(hidden, head, labels)
-        loss_sum, _ = label_token_loss(hidden, head, labels, chunk_size=5)
+        loss_sum, _, _ = label_token_loss(hidden, head, labels, chunk_size=5)
     # Both round the product to bf16 the same way; fp32 would differ by more than this.
     torch.testing.assert_close(loss_sum, expected, atol=1e-3, rtol=1e-4)
     fp32 = reference(hidden, head, labels)

@@ -60,7 +60,7 @@ def reference_step(model_dir, data_path):
     for example in datamodule.train_data:
         input_ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
         hidden = module.causal_lm(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
-        loss_sum, count = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
+        loss_sum, count, _ = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
         sums, counts, means = sums + [loss_sum], counts + [count], means + [loss_sum / count]
     loss = torch.stack(sums).sum() / torch.stack(counts).sum()
     loss.backward()

@@ -69,7 +69,7 @@ def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
     module.configure_model()
     tiny_data.setup("fit")
     batch = next(iter(tiny_data.train_dataloader()))
-    loss_sum, num_tokens = module.loss_terms(batch)
+    loss_sum, num_tokens, _ = module.loss_terms(batch)
     reference = module.model(**batch).loss  # transformers shifts and averages internally
     num_labels = (batch["labels"][:, 1:] != -100).sum()
     assert num_tokens == num_labels

@@ -113,17 +113,17 @@ def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model
     assert batch["input_ids"].shape[0] == 2  # five examples in two rows, the shorter one padded
     assert (batch["position_ids"] == 0).sum() == len(ragged_rows) + 1
     with torch.no_grad():
-        packed_sum, packed_count = module.loss_terms(batch)
+        packed_sum, packed_count, _ = module.loss_terms(batch)
         # Each example on its own, through transformers' own forward pass: no packing, no padding.
         total, count = 0.0, 0
         for example in datamodule.train_data:
             input_ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
             hidden = module.causal_lm(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
-            loss_sum, n = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
+            loss_sum, n, _ = label_token_loss(hidden, module.causal_lm.get_output_embeddings(), labels)
             total, count = total + loss_sum.item(), count + n.item()
         # Without restarting positions, examples would see each other: the loss must then differ.
         leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
-        leaky_sum, _ = module.loss_terms(leaky)
+        leaky_sum, _, _ = module.loss_terms(leaky)
     assert packed_count.item() == count
     assert (packed_sum / packed_count).item() == pytest.approx(total / count, abs=1e-5)
     assert abs(leaky_sum.item() - packed_sum.item()) / count > 1e-3

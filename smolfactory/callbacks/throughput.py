@@ -53,7 +53,9 @@ class TokenThroughput(L.Callback):
         now = time.perf_counter()
         self._seconds += now - self._started
         self._started = now
-        pl_module.log_dict(self.metrics(trainer.world_size), on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log_dict(
+            self.metrics(trainer.world_size), on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True
+        )
 
     def _collect(self, trainer: L.Trainer) -> None:
         """Add the counts since the last call, summed over ranks (every rank calls this at the same step)."""

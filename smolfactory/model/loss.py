@@ -9,6 +9,8 @@ target), so the backward pass only scales them: no logits are kept or recomputed
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -16,10 +18,21 @@ IGNORE_INDEX = -100
 CHUNK_SIZE = 1024
 
 
+class TokenLoss(NamedTuple):
+    """Sums over the trained positions of a batch (divide by a token count for means)."""
+
+    loss_sum: torch.Tensor
+    """Summed next-token cross-entropy (differentiable)."""
+    num_tokens: torch.Tensor
+    """How many positions were trained."""
+    num_correct: torch.Tensor
+    """How many of them the model's most likely token got right (for token accuracy)."""
+
+
 def label_token_loss(
     hidden_states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = CHUNK_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over trained positions, and how many there were.
+) -> TokenLoss:
+    """Summed next-token cross-entropy over trained positions, how many there were, and how many were right.
 
     Args:
         hidden_states: ``[batch, seq, hidden]`` final decoder states.
@@ -28,21 +41,26 @@ def label_token_loss(
         chunk_size: Positions whose logits exist at the same time.
 
     Returns:
-        ``(loss_sum, num_tokens)``: divide the first by the second (or by a count taken over a whole
-        optimizer step) for the mean.
+        ``(loss_sum, num_tokens, num_correct)``: divide the sums by a token count (of the batch, or of a
+        whole optimizer step) for means.
     """
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     hidden = hidden_states[:, :-1][trained]
     if type(lm_head) is torch.nn.Linear:
-        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets[trained], chunk_size)
+        loss_sum, correct = ChunkedLinearCrossEntropy.apply(
+            hidden, lm_head.weight, lm_head.bias, targets[trained], chunk_size
+        )
     else:  # a wrapped head (e.g. peft's modules_to_save): its own forward, all trained positions at once
-        loss_sum = F.cross_entropy(lm_head(hidden).float(), targets[trained], reduction="sum")
-    return loss_sum, trained.sum()
+        logits = lm_head(hidden).float()
+        loss_sum = F.cross_entropy(logits, targets[trained], reduction="sum")
+        correct = (logits.detach().argmax(-1) == targets[trained]).sum()
+    return TokenLoss(loss_sum, trained.sum(), correct)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T + bias, targets)), with the gradients formed chunk by chunk."""
+    """sum(cross_entropy(hidden @ weight.T + bias, targets)), with the gradients formed chunk by chunk; also
+    how many argmax predictions equal their target (not differentiable)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
@@ -57,12 +75,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute)
             t = targets[start : start + chunk_size]
             logits = F.linear(h, w, b).float()
             log_z = torch.logsumexp(logits, dim=-1)
             loss_sum += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(-1) == t).sum()
             # d(loss)/d(logits) = softmax - one_hot(target), formed in place of the logits.
             grad_logits = logits.sub_(log_z[:, None]).exp_()
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
@@ -74,10 +94,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
-        return loss_sum
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001, ANN205 (autograd signature)
+    def backward(ctx, grad_output, grad_correct):  # noqa: ANN001, ANN205 (autograd signature)
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         return (

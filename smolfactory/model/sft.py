@@ -16,7 +16,8 @@ from smolfactory.errors import SmolFactoryError
 from smolfactory.model.kernels import apply_liger_kernels
 from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
 from smolfactory.model.lora import LoraSettings, apply_lora
-from smolfactory.model.loss import label_token_loss
+from smolfactory.model.loss import TokenLoss, label_token_loss
+from smolfactory.model.metrics import LanguageModelMetrics
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
 from smolfactory.model.sharding import is_sharded, shard_decoder_layers, unwrapped_name
 
@@ -86,6 +87,8 @@ class CausalLMModule(L.LightningModule):
             self.lora.check()
             self.hparams.lora = dataclasses.asdict(self.lora)
         self.model: PreTrainedModel | PeftModel | None = None
+        # Token-weighted epoch metrics (torchmetrics: synchronised across devices when computed).
+        self.train_metrics, self.val_metrics, self.test_metrics = (LanguageModelMetrics() for _ in range(3))
         # LoRA checkpoints hold only the trainable weights (see on_save_checkpoint); the frozen base is
         # rebuilt by configure_model, so its keys are expected to be missing when a checkpoint loads.
         self.strict_loading = self.lora is None
@@ -160,8 +163,8 @@ class CausalLMModule(L.LightningModule):
         """Vocabulary logits ``[batch, seq, vocab]`` for every position."""
         return self.model(input_ids=input_ids, **kwargs).logits
 
-    def loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over a batch's trained tokens, and how many tokens were trained.
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> TokenLoss:
+        """Summed cross-entropy over a batch's trained tokens, how many were trained, how many predicted right.
 
         The model runs through its own forward (so FSDP unshards its weights as usual) but computes no
         logits (``logits_to_keep`` is empty); the LM head then runs only where a label exists.
@@ -181,12 +184,15 @@ class CausalLMModule(L.LightningModule):
         return label_token_loss(outputs.hidden_states[-1], self.causal_lm.get_output_embeddings(), batch["labels"])
 
     def on_train_start(self) -> None:
-        self._step_totals = torch.zeros(2, device=self.device)  # (summed loss, label tokens) since the last step
+        # (summed loss, label tokens, correctly predicted tokens) since the last optimizer step
+        self._step_totals = torch.zeros(3, device=self.device)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The summed loss of the micro-batch; ``on_before_optimizer_step`` turns the step's sums into a mean."""
-        loss_sum, num_tokens = self.loss_terms(batch)
-        self._step_totals += torch.stack([loss_sum.detach(), num_tokens.to(loss_sum.dtype)])
+        loss_sum, num_tokens, num_correct = self.loss_terms(batch)
+        self._step_totals += torch.stack(
+            [loss_sum.detach(), num_tokens.to(loss_sum.dtype), num_correct.to(loss_sum.dtype)]
+        )
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -198,7 +204,7 @@ class CausalLMModule(L.LightningModule):
         micro-batch counts by its tokens, never as one equal share of a mean of means. Gradient clipping
         runs after this hook, on the normalised gradient.
         """
-        loss_sum, tokens = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
+        loss_sum, tokens, correct = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
         tokens = tokens.clamp(min=1)
         if not torch.isfinite(loss_sum):  # stop before the optimizer writes NaN into the weights
             checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
@@ -212,7 +218,10 @@ class CausalLMModule(L.LightningModule):
             if parameter.grad is not None:
                 parameter.grad.mul_(scale)
         self.log("train_loss", loss_sum / tokens, prog_bar=True)
+        self.log("train_perplexity", (loss_sum / tokens).exp())
+        self.log("train_token_accuracy", correct / tokens)
         self.log("train_tokens", tokens, reduce_fx="sum", on_step=False, on_epoch=True)
+        self._log_epoch_metrics("train", self.train_metrics, loss_sum, tokens, correct, suffix="_epoch")
         self._step_totals.zero_()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -242,9 +251,23 @@ class CausalLMModule(L.LightningModule):
         ]
 
     def _log_eval_loss(self, name: str, batch: dict[str, torch.Tensor]) -> None:
-        loss_sum, num_tokens = self.loss_terms(batch)
+        loss_sum, num_tokens, num_correct = self.loss_terms(batch)
         # batch_size=num_tokens makes the epoch value a token-weighted mean, not a mean of batch means.
         self.log(name, loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
+        stage = name.removesuffix("_loss")
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        self._log_epoch_metrics(stage, metrics, loss_sum, num_tokens, num_correct)
+
+    def _log_epoch_metrics(
+        self, stage: str, metrics: LanguageModelMetrics, loss_sum: torch.Tensor, tokens: torch.Tensor,
+        correct: torch.Tensor, suffix: str = ""
+    ) -> None:  # fmt: skip
+        """Update the epoch's token-weighted metrics; Lightning computes, logs and resets them at epoch end."""
+        metrics.update(loss_sum, tokens, correct)
+        if suffix:  # the validation loss is logged by the caller under its usual name
+            self.log(f"{stage}_loss{suffix}", metrics.loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}_perplexity{suffix}", metrics.perplexity, on_step=False, on_epoch=True)
+        self.log(f"{stage}_token_accuracy{suffix}", metrics.token_accuracy, on_step=False, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The latest logged values (train_loss, val_loss, ...), for the model card `smolfactory export` writes.
