@@ -1,6 +1,7 @@
 """`smolfactory export`: a Lightning checkpoint to a Hugging Face folder (adapter or merged), with a model card.
 
 smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill [--merge]
+    [--push_to_hub owner/name]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from peft import PeftModel
 from smolfactory.data.templates import resolve_chat_template
 from smolfactory.errors import SmolFactoryError, first_line
 from smolfactory.export import save_pretrained_folder
+from smolfactory.hub import push_folder, require_token
 from smolfactory.model.loading import load_tokenizer
 from smolfactory.model.sft import CausalLMModule
 
@@ -120,6 +122,11 @@ def main(args: list[str]) -> None:
     parser.add_argument("--checkpoint", required=True, help="a .ckpt file written by smolfactory fit")
     parser.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
     parser.add_argument("--merge", action="store_true", help="fold LoRA adapters into the base weights")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload the written folder to this Hub repo (owner/name)")
     options = parser.parse_args(args)
+    if options.push_to_hub:
+        require_token("--push_to_hub")  # before any work
     path = export_checkpoint(options.checkpoint, options.output, options.merge)
     print(f"Wrote {path} (load it with from_pretrained)")
+    if options.push_to_hub:
+        print(f"Uploaded {path} to {push_folder(path, options.push_to_hub, '--push_to_hub')}")

@@ -13,17 +13,25 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForCausalLM
 
 from smolfactory.export import save_pretrained_folder
+from smolfactory.hub import push_folder, require_token
 from smolfactory.model.loading import load_tokenizer
 
 
 class HFExport(L.Callback):
-    def __init__(self, dirname: str = "final") -> None:
-        """Write the trained model as a Hugging Face folder at the end of fit.
+    def __init__(self, dirname: str = "final", push_to_hub: str | None = None) -> None:
+        """Write the trained model as a Hugging Face folder at the end of fit, and upload it when asked.
 
         Args:
             dirname: Folder under trainer.default_root_dir that receives the adapter (or full model) and tokenizer.
+            push_to_hub: Hub repo id (owner/name) that receives the folder; a missing token stops fit before
+                training starts.
         """
         self.dirname = dirname
+        self.push_to_hub = push_to_hub
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.push_to_hub:
+            require_token("export.push_to_hub")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state_dict = None
@@ -41,6 +49,9 @@ class HFExport(L.Callback):
             model = adapter_skeleton(model)
         path = save_pretrained_folder(model, tokenizer, folder, state_dict=state_dict)
         rank_zero_info(f"Saved the trained model to {path} (load it with from_pretrained)")
+        if self.push_to_hub:
+            url = push_folder(path, self.push_to_hub, "export.push_to_hub")
+            rank_zero_info(f"Uploaded {path} to {url}")
 
 
 def gather_full_state_dict(strategy: ModelParallelStrategy | FSDPStrategy, model: torch.nn.Module) -> dict:
