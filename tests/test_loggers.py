@@ -1,0 +1,27 @@
+"""TrackioLogger: what Lightning logs during a fit is what Trackio's local database holds afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from smolfactory import CausalLMModule, LoraSettings
+from smolfactory.loggers import TrackioLogger
+from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
+
+
+def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatch, tiny_model_dir, tiny_data):  # noqa: F811
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    from trackio.sqlite_storage import SQLiteStorage
+
+    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2)
+    recorder = RecordSteps()
+    trainer = quiet_trainer(tmp_path, 4, [recorder])
+    trainer.loggers = [TrackioLogger(project="smolfactory-test", name="tiny-run")]
+    trainer.log_every_n_steps = 1
+    trainer.fit(module, datamodule=tiny_data)
+    logs = SQLiteStorage.get_logs("smolfactory-test", "tiny-run")
+    losses = [row["train_loss"] for row in logs if "train_loss" in row]
+    assert losses == pytest.approx(recorder.losses, rel=1e-6) and len(losses) == 4
+    assert [row["step"] for row in logs if "train_loss" in row] == [0, 1, 2, 3]
+    config = SQLiteStorage.get_run_config("smolfactory-test", "tiny-run")
+    assert config["learning_rate"] == 1e-2 and config["lora/r"] == 4
