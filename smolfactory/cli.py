@@ -14,7 +14,7 @@ import os
 import sys
 
 import lightning as L
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from smolfactory import chat, checkpoint_export, plot
@@ -66,6 +66,16 @@ class SmolFactoryCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "preview": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        # Lightning's default logger is TensorBoard's when tensorboard happens to be installed, else CSV; ours is
+        # always CSV (no extra install, and what `smolfactory plot` reads). `logger: false` still turns it off.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            save_dir = config.trainer.default_root_dir or "."
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=save_dir, name="logs")
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The user names the model once; the data module loads the same model's tokenizer.

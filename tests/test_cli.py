@@ -195,3 +195,12 @@ def test_a_yaml_list_of_sources_mixes_datasets(tmp_path, tiny_model_dir):
     texts = [cli.datamodule.tokenizer.decode(ids) for ids in cli.datamodule.train_data["input_ids"]]
     assert sum(text.startswith("Document") for text in texts) == 3
     assert sum("<|im_start|>" in text for text in texts) == 4
+
+
+def test_the_default_logger_is_csv_under_the_run_folder(tmp_path, tiny_model_dir):
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=1)
+    cli = SmolFactoryCLI(args=["--config", QUICKSTART, "--config", overrides, "--trainer.logger=true"], run=False)
+    assert type(cli.trainer.logger).__name__ == "CSVLogger"
+    assert Path(cli.trainer.logger.log_dir).parent == tmp_path / "logs"
+    cli = SmolFactoryCLI(args=["--config", QUICKSTART, "--config", overrides, "--trainer.logger=false"], run=False)
+    assert cli.trainer.logger is None
