@@ -88,6 +88,10 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(GenerationSamples, "samples")
 
 
+# Not Trainer subcommands: no training config, each with its own few options.
+STANDALONE_COMMANDS = {"export": checkpoint_export.main, "chat": chat.main, "plot": plot.main}
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; configuration and data problems end with one line on stderr, status 2."""
     args = list(sys.argv[1:] if args is None else args)
@@ -95,15 +99,8 @@ def main(args: list[str] | None = None) -> None:
     args = ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        # Not Trainer subcommands: no training config, their own few options.
-        if args[:1] == ["export"]:
-            checkpoint_export.main(args[1:])
-            return
-        if args[:1] == ["chat"]:
-            chat.main(args[1:])
-            return
-        if args[:1] == ["plot"]:
-            plot.main(args[1:])
+        if args[:1] and args[0] in STANDALONE_COMMANDS:
+            STANDALONE_COMMANDS[args[0]](args[1:])
             return
         SmolFactoryCLI(args=args)
     except SmolFactoryError as error:

@@ -1,9 +1,11 @@
-"""Write a trained module as a standard Hugging Face folder, atomically."""
+"""Write a trained module as a standard Hugging Face folder, and single files, atomically."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,3 +46,17 @@ def save_pretrained_folder(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A hidden staging path beside ``path`` to write to; renamed onto ``path`` when the block ends without an
+    error, removed otherwise, so ``path`` never holds a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 from smolfactory.errors import SmolFactoryError
+from smolfactory.export import atomic_file
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -73,14 +72,8 @@ def draw(series: Series, output: Path, title: str) -> None:
     axes[-1].set_xlabel("optimizer step")
     for axis in axes:
         axis.grid(alpha=0.3)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=output.parent, suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, output)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    with atomic_file(output) as staging:
+        figure.savefig(staging, format="png", dpi=120)
 
 
 def main(args: list[str]) -> None:

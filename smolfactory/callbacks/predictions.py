@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+
+from smolfactory.export import atomic_file
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -30,9 +31,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(trainer.default_root_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows))
-        os.replace(staging, path)  # never a half-written file
+        with atomic_file(path) as staging:  # never a half-written file
+            staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows))
         rank_zero_info(f"Wrote {len(self.rows)} generations to {path}")
         self.rows = []

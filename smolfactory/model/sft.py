@@ -251,12 +251,9 @@ class CausalLMModule(L.LightningModule):
         ]
 
     def _log_eval_loss(self, name: str, batch: dict[str, torch.Tensor]) -> None:
-        loss_sum, num_tokens, num_correct = self.loss_terms(batch)
-        # batch_size=num_tokens makes the epoch value a token-weighted mean, not a mean of batch means.
-        self.log(name, loss_sum / num_tokens.clamp(min=1), prog_bar=True, batch_size=int(num_tokens))
         stage = name.removesuffix("_loss")
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        self._log_epoch_metrics(stage, metrics, loss_sum, num_tokens, num_correct)
+        self._log_epoch_metrics(stage, metrics, *self.loss_terms(batch))
 
     def _log_epoch_metrics(
         self, stage: str, metrics: LanguageModelMetrics, loss_sum: torch.Tensor, tokens: torch.Tensor,
@@ -264,8 +261,7 @@ class CausalLMModule(L.LightningModule):
     ) -> None:  # fmt: skip
         """Update the epoch's token-weighted metrics; Lightning computes, logs and resets them at epoch end."""
         metrics.update(loss_sum, tokens, correct)
-        if suffix:  # the validation loss is logged by the caller under its usual name
-            self.log(f"{stage}_loss{suffix}", metrics.loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}_loss{suffix}", metrics.loss, on_step=False, on_epoch=True, prog_bar=not suffix)
         self.log(f"{stage}_perplexity{suffix}", metrics.perplexity, on_step=False, on_epoch=True)
         self.log(f"{stage}_token_accuracy{suffix}", metrics.token_accuracy, on_step=False, on_epoch=True)
 
@@ -332,7 +328,5 @@ class CausalLMModule(L.LightningModule):
 def fused_adamw_applies(parameters: list[torch.Tensor]) -> bool | None:
     """True where torch's fused AdamW kernel takes these parameters (plain floating tensors on the CPU or
     CUDA); None (torch's own choice: foreach or a loop) for sharded DTensors and other devices."""
-    return (
-        all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") for p in parameters)
-        and all(p.is_floating_point() for p in parameters)
-    ) or None
+    plain = (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") for p in parameters)
+    return all(plain) and all(p.is_floating_point() for p in parameters) or None
