@@ -1,10 +1,11 @@
 # make quickstart   install into .venv and fine-tune the built-in model (outputs/quickstart/final)
+# make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart dpo-quickstart test lint format clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: install
 	$(BIN)/smolfactory fit --config configs/quickstart.yaml
+
+# DPO continues the quickstart's SFT adapter: train that first if it is not there.
+dpo-quickstart: install
+	test -f outputs/quickstart/final/adapter_config.json || $(BIN)/smolfactory fit --config configs/quickstart.yaml
+	$(BIN)/smolfactory fit --config configs/dpo_quickstart.yaml
 
 test: install lint
 	$(BIN)/python -m pytest -q

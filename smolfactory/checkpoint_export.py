@@ -41,7 +41,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
     tokenizer = load_tokenizer(module.hparams.model_name)
     if data.get("chat_template"):
         tokenizer.chat_template = resolve_chat_template(data["chat_template"])
-    card = model_card(dict(module.hparams), data, saved, merged=merge and module.lora is not None)
+    card = model_card({**hparams, **module.hparams}, data, saved, merged=merge and module.lora is not None)
     return save_pretrained_folder(model, tokenizer, output, card=card)
 
 
@@ -77,6 +77,8 @@ def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, A
         method = "full fine-tuning"
     if hparams.get("quantization"):
         method += f", base quantized to {hparams['quantization']} during training"
+    if "beta" in hparams:  # a DPOModule checkpoint
+        method = f"preference tuning ({hparams['loss_type']} loss, beta={hparams['beta']}), {method}"
     rows = {
         "base model": f"`{hparams.get('model_name')}`",
         "method": method,

@@ -49,13 +49,17 @@ class SmolFactoryTrainer(L.Trainer):
 
 
 class SmolFactoryCLI(LightningCLI):
-    """LightningCLI over CausalLMModule and SFTDataModule, with the export, predictions, interrupt, throughput and
-    generation-samples callbacks always on."""
+    """LightningCLI over CausalLMModule and SFTDataModule (or subclasses: DPOModule and PreferenceDataModule), with
+    the export, predictions, interrupt, throughput and generation-samples callbacks always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
+        # Subclass mode: `model: {class_path: smolfactory.DPOModule, init_args: ...}` picks another recipe; a
+        # config without class_path configures the defaults, CausalLMModule and SFTDataModule.
         kwargs.setdefault("model_class", CausalLMModule)
         kwargs.setdefault("datamodule_class", SFTDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", SmolFactoryTrainer)
         # The module configures its own AdamW and schedule: no optimizer/lr_scheduler keys in the YAML.
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -78,8 +82,10 @@ class SmolFactoryCLI(LightningCLI):
             )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": CausalLMModule.__module__ + ".CausalLMModule"})
+        parser.set_defaults({"data": SFTDataModule.__module__ + ".SFTDataModule"})
         # The user names the model once; the data module loads the same model's tokenizer.
-        parser.link_arguments("model.model_name", "data.tokenizer")
+        parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer")
         # Always present (not replaced when a config lists its own callbacks); options under `export:`.
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -103,8 +109,14 @@ def main(args: list[str] | None = None) -> None:
             STANDALONE_COMMANDS[args[0]](args[1:])
             return
         SmolFactoryCLI(args=args)
-    except SmolFactoryError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        # jsonargparse wraps errors raised while it builds a class (a subclass-mode model or data module).
+        cause = error
+        while cause is not None and not isinstance(cause, SmolFactoryError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

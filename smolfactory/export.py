@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -32,7 +33,10 @@ def save_pretrained_folder(
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, state_dict=state_dict)
+        if isinstance(model, PeftModel):  # only the trained adapter (DPO keeps a frozen reference one beside it)
+            model.save_pretrained(staging, state_dict=state_dict, selected_adapters=[model.active_adapter])
+        else:
+            model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if card is not None:
             (staging / "README.md").write_text(card)

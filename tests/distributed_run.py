@@ -1,10 +1,10 @@
 """Two CPU processes fit a tiny model (DDP, FSDP2 or FSDP) and record what the single-process test compares.
 
-    python tests/distributed_run.py ddp|fsdp2|fsdp MODEL_DIR DATA_PATH OUT_FOLDER
+    python tests/distributed_run.py ddp|fsdp2|fsdp MODEL_DIR DATA_PATH OUT_FOLDER PAIRS_PATH
 
 For full fine-tuning and LoRA in turn: two optimizer steps of global batch 4 (per rank, 2 micro-batches
 of 1 accumulated), the first step's gradients (gathered in full), each step's loss, and the exported
-Hugging Face folder.
+Hugging Face folder. Under DDP, also DPO with LoRA on the preference pairs of PAIRS_PATH.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.tensor import DTensor
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import CausalLMModule, DPOModule, LoraSettings, PreferenceDataModule, SFTDataModule
 from smolfactory.callbacks import HFExport
 from smolfactory.model.sharding import DecoderLayerPolicy
 
@@ -43,7 +43,9 @@ class CPUFSDPStrategy(FSDPStrategy):
         return super()._setup_model(wrapped)
 
 
-class Recorder(CausalLMModule):
+class RecorderMixin:
+    """Records each step's loss and the first step's full gradients."""
+
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
         self.losses = [*getattr(self, "losses", []), self.trainer.callback_metrics["train_loss"].item()]
@@ -64,6 +66,14 @@ class Recorder(CausalLMModule):
         return {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
 
 
+class Recorder(RecorderMixin, CausalLMModule):
+    pass
+
+
+class DPORecorder(RecorderMixin, DPOModule):
+    pass
+
+
 class StopAt(L.Callback):
     """Stops fit after a given step, as an interruption would: the schedule is still that of the whole run."""
 
@@ -79,7 +89,7 @@ VARIANTS = {"full": None, "lora": LoraSettings(r=4, alpha=8)}
 
 def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devices: int, batch_size: int,
         accumulate: int, steps: int = 2, name: str | None = None, stop_at: int | None = None,
-        resume: bool = False) -> None:  # fmt: skip
+        resume: bool = False, preference: bool = False) -> None:  # fmt: skip
     """Fit `steps` optimizer steps into out/name (default: the variant) and record them in out/name.json.
 
     With `stop_at` the run saves out/name/checkpoints/last.ckpt at every step and is interrupted after that
@@ -87,8 +97,9 @@ def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devic
     """
     name = name or variant
     L.seed_everything(0)
-    module = Recorder(model_name=model_dir, lora=VARIANTS[variant], learning_rate=1e-2)
-    data = SFTDataModule(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=batch_size)
+    module_class, data_class = (DPORecorder, PreferenceDataModule) if preference else (Recorder, SFTDataModule)
+    module = module_class(model_name=model_dir, lora=VARIANTS[variant], learning_rate=1e-2)
+    data = data_class(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=batch_size)
     last = out / name / "checkpoints" / "last.ckpt"
     checkpoints = stop_at is not None
     callbacks = [ModelCheckpoint(dirpath=last.parent, save_last=True, every_n_train_steps=1)]
@@ -118,10 +129,12 @@ STRATEGIES = {
 
 
 def main() -> None:
-    strategy_name, model_dir, data_path, out = sys.argv[1:5]
+    strategy_name, model_dir, data_path, out, pairs_path = sys.argv[1:6]
     settings = dict(devices=2, batch_size=1, accumulate=2)
     for variant in VARIANTS:
         run(variant, model_dir, data_path, Path(out), STRATEGIES[strategy_name](), **settings)
+    if strategy_name == "ddp":
+        run("lora", model_dir, pairs_path, Path(out), "ddp", **settings, name="dpo", preference=True)
     if strategy_name != "ddp":
         # A 4-step LoRA run stopped after 2 steps (a sharded checkpoint), then resumed.
         for resume in (False, True):

@@ -18,6 +18,7 @@ from smolfactory.data.sources import builtin_split_path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+DPO_QUICKSTART = str(ROOT / "configs" / "dpo_quickstart.yaml")
 
 
 def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> str:
@@ -58,10 +59,14 @@ def test_print_config_documents_every_option(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
-    assert config["model"]["model_name"] == "builtin:smollm2-135m-instruct"
-    assert config["model"]["lora"]["r"] == 16
-    assert config["data"]["dataset"] == "builtin:quickstart"
-    assert "tokenizer" not in config["data"]  # linked from model.model_name
+    # A config without class_path configures the default recipe: SFT.
+    assert config["model"]["class_path"] == "smolfactory.model.sft.CausalLMModule"
+    assert config["data"]["class_path"] == "smolfactory.data.sft.SFTDataModule"
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["model_name"] == "builtin:smollm2-135m-instruct"
+    assert model["lora"]["r"] == 16
+    assert data["dataset"] == "builtin:quickstart"
+    assert "tokenizer" not in data  # linked from model.model_name
     assert config["export"]["dirname"] == "final"
     assert "optimizer" not in config and "lr_scheduler" not in config
     # Every key of our own sections comes right after a comment with its help and type.
@@ -70,7 +75,7 @@ def test_print_config_documents_every_option(capsys):
     end = next(i for i, line in enumerate(lines) if line.startswith("ckpt_path"))
     for index in range(start + 1, end):
         key = re.match(r"^\s+([a-z_]+):", lines[index])
-        if key:
+        if key and key.group(1) not in ("class_path", "init_args"):  # init_args: the class docstring
             comment = lines[index - 1]
             assert re.match(r"^\s+# \S.* \((required, )?type: .+\)$", comment), (key.group(1), comment)
 
@@ -82,7 +87,7 @@ def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model
     assert (final / "tokenizer.json").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     saved = yaml.safe_load(next(tmp_path.glob("logs/version_*/config.yaml")).read_text())
-    assert saved["model"]["model_name"] == tiny_model_dir
+    assert saved["model"]["init_args"]["model_name"] == tiny_model_dir
     metrics = next(tmp_path.glob("logs/version_*/metrics.csv")).read_text()
     assert "train_loss" in metrics and "val_loss" in metrics
 
@@ -204,3 +209,19 @@ def test_the_default_logger_is_csv_under_the_run_folder(tmp_path, tiny_model_dir
     assert Path(cli.trainer.logger.log_dir).parent == tmp_path / "logs"
     cli = SmolFactoryCLI(args=["--config", QUICKSTART, "--config", overrides, "--trainer.logger=false"], run=False)
     assert cli.trainer.logger is None
+
+
+def test_dpo_recipe_through_the_cli_trains_an_adapter_and_logs_rewards(tmp_path, tiny_model_dir):
+    """configs/dpo_quickstart.yaml with a tiny model (a fresh adapter: the reference is the adapter switched off)."""
+    main(["fit", "--config", DPO_QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)])
+    saved = yaml.safe_load(next(tmp_path.glob("logs/version_*/config.yaml")).read_text())
+    assert saved["model"]["class_path"] == "smolfactory.DPOModule"
+    assert saved["data"]["init_args"]["dataset"] == "builtin:quickstart-preference"
+    rows = list(csv.DictReader(io.StringIO(next(tmp_path.glob("logs/version_*/metrics.csv")).read_text())))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train_loss", "train_reward_accuracy", "val_loss", "val_reward_margin", "val_logps_chosen"} <= logged
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    # `smolfactory export` rebuilds the module from the DPO checkpoint's hyperparameters.
+    main(["export", "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert "preference tuning (sigmoid loss, beta=0.1)" in (tmp_path / "out" / "README.md").read_text()

@@ -161,7 +161,7 @@ def test_tokenization_cache_follows_the_masking_code(tiny_model_dir, tmp_path, m
     first = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     second = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     assert second == first  # same code, same data: same examples (from the cache)
-    monkeypatch.setattr(examples, "PIPELINE_SOURCE", examples.PIPELINE_SOURCE + "# changed")
+    monkeypatch.setattr(SFTDataModule, "pipeline_source", examples.PIPELINE_SOURCE + "# changed")
     monkeypatch.setattr(examples, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
     assert make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]["input_ids"] == [1, 2]
 

@@ -2,7 +2,7 @@
 
 Each run trains two steps of global batch 4 (2 ranks x 2 accumulated micro-batches of 1) on four examples
 of very different lengths, so every step sees all four. Its losses, first-step gradients and exported
-weights must equal a single process training on batch 4.
+weights must equal a single process training on batch 4. Under DDP, DPO with LoRA too, on four pairs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from tests.conftest import write_jsonl
 from tests.distributed_run import VARIANTS, run
 from tests.test_loss_normalisation import RAGGED
 
+# Pairs of very different lengths: DPO's step loss is the mean over the step's pairs, however they are split.
+RAGGED_PAIRS = [
+    {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+    {"prompt": "Tell me a long story.", "chosen": "Once upon a time " * 15, "rejected": "No."},
+    {"prompt": "2 + 2?", "chosen": "4", "rejected": "5, because two and two make five."},
+    {"prompt": "Name three colours.", "chosen": "Red, green and blue.", "rejected": "Dog, cat and bird."},
+]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,11 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def single_process(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     data = write_jsonl(folder / "ragged.jsonl", RAGGED)
+    pairs = write_jsonl(folder / "pairs.jsonl", RAGGED_PAIRS)
     for variant in VARIANTS:
         run(variant, tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1)
+    run("lora", tiny_model_dir, str(pairs), folder, "auto", devices=1, batch_size=4, accumulate=1, name="dpo",
+        preference=True)  # fmt: skip
     run("lora", tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1, steps=4,
         name="straight")  # fmt: skip
-    return folder, data
+    return folder, data, pairs
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,16 +56,16 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp"])
 def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strategy):
-    reference, data = single_process
+    reference, data, pairs = single_process
     subprocess.run(
-        [sys.executable, "tests/distributed_run.py", strategy, tiny_model_dir, str(data), str(tmp_path)],
+        [sys.executable, "tests/distributed_run.py", strategy, tiny_model_dir, str(data), str(tmp_path), str(pairs)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=True,
         timeout=400,
         capture_output=True,
     )
-    for variant in VARIANTS:
+    for variant in [*VARIANTS, "dpo"] if strategy == "ddp" else VARIANTS:
         expected = json.loads((reference / f"{variant}.json").read_text())
         result = json.loads((tmp_path / f"{variant}.json").read_text())
         assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5), variant

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from smolfactory.model.loss import IGNORE_INDEX
@@ -85,3 +87,22 @@ def prompt_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> d
         input_ids[row, longest - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, longest - len(prompt) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "references": references}
+
+
+def pair_collate(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Every pair's chosen sequence, then every rejected one, right-padded together: one forward pass runs both.
+
+    Rows ``0 .. n-1`` of the batch are the chosen answers of pairs ``0 .. n-1``, rows ``n .. 2n-1`` their rejected
+    answers (prompt included in each, labels only on the answer). Precomputed reference log-probabilities
+    travel along as ``ref_chosen_logps`` and ``ref_rejected_logps``.
+    """
+    sides = [
+        {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]}
+        for side in ("chosen", "rejected")
+        for pair in pairs
+    ]
+    batch = pad_collate(sides, pad_token_id)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in pairs[0]:
+            batch[key] = torch.tensor([pair[key] for pair in pairs], dtype=torch.float32)
+    return batch

@@ -8,6 +8,7 @@ stop with a one-line error, or leave a placeholder that ``summarize`` counts as 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
 
 EXAMPLE_COLUMNS = ["input_ids", "labels", "length"]
+RowExamples = Callable[[dict[str, Any], PreTrainedTokenizerBase, "RowSettings"], tuple[list[dict[str, Any]], bool]]
 
 
 @dataclass(frozen=True)
@@ -38,38 +40,64 @@ class RowSettings:
 
 
 def tokenize_rows(
-    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, settings: RowSettings, source: str
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: RowSettings,
+    source: str,
+    row_examples: RowExamples | None = None,
+    columns: list[str] = EXAMPLE_COLUMNS,
 ) -> dict[str, list]:
-    """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row."""
-    out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "num_trained", "status")}
+    """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row.
 
-    def add(input_ids: list[int], labels: list[int], status: str) -> None:
-        out["input_ids"].append(input_ids)
-        out["labels"].append(labels)
-        out["length"].append(len(input_ids))
-        out["num_trained"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+    ``row_examples`` turns one row into its examples (``conversation_examples`` for SFT); each example has
+    ``columns`` and ``num_trained``; a ``status`` column says what happened to the row.
+    """
+    row_examples = row_examples or conversation_examples
+    out: dict[str, list] = {key: [] for key in (*columns, "num_trained", "status")}
+    placeholder = {key: 0 if key == "length" else [] for key in columns} | {"num_trained": 0}
+
+    def add(example: dict[str, Any], status: str) -> None:
+        for key, value in example.items():
+            out[key].append(value)
         out["status"].append(status)
 
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         row = dict(zip(batch, values, strict=True))
         try:
-            example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
-            sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
-            pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
-            if settings.overlong != "drop" and not pieces:
+            examples, truncated = row_examples(row, tokenizer, settings)
+            if settings.overlong != "drop" and not examples:
                 raise RowError(f"nothing is left to train after truncation to {settings.max_length} tokens")
         except (RowError, TemplateError) as error:
             problem = f"{source}, row {index + 1}: {error}"
             if settings.on_bad_row == "error":
                 raise SmolFactoryError(f"{problem}; fix or remove the row, or set data.on_bad_row: skip") from error
-            add([], [], f"skipped: {problem}")
+            add(placeholder, f"skipped: {problem}")
             continue
-        if not pieces:
-            add([], [], "dropped")
-        longest = max(len(sequence["input_ids"]) for sequence in sequences)
-        for input_ids, labels in pieces:
-            add(input_ids, labels, "truncated" if longest > settings.max_length else "")
+        if not examples:
+            add(placeholder, "dropped")
+        for example in examples:
+            add(example, "truncated" if truncated else "")
     return out
+
+
+def conversation_examples(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, settings: RowSettings
+) -> tuple[list[dict[str, Any]], bool]:
+    """One SFT row's examples (input ids, labels, length, trained tokens), and whether it was cut to fit."""
+    example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
+    sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
+    pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
+    examples = [
+        {"input_ids": ids, "labels": labels, "length": len(ids), "num_trained": trained_count(labels)}
+        for ids, labels in pieces
+    ]
+    return examples, max(len(sequence["input_ids"]) for sequence in sequences) > settings.max_length
+
+
+def trained_count(labels: list[int]) -> int:
+    """How many tokens of an example have a loss (its first label never does: nothing predicts it)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
 def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tuple[list[int], list[int]]]:
@@ -111,4 +139,6 @@ def summary_line(name: str, summary: dict[str, Any], max_length: int) -> str:
 
 
 # The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
-PIPELINE_SOURCE = "".join(inspect.getsource(code) for code in (formats, templates, tokenize_rows, fit_length))
+PIPELINE_SOURCE = "".join(
+    inspect.getsource(code) for code in (formats, templates, tokenize_rows, conversation_examples, fit_length)
+)

@@ -61,26 +61,30 @@ class Example:
     text: str = ""  # plain-text layouts: trained text
 
 
-def detect_format(column_names: list[str], columns: dict[str, str]) -> str:
+def detect_format(
+    column_names: list[str], columns: dict[str, str], required_columns: dict[str, tuple[str, ...]] = REQUIRED_COLUMNS
+) -> str:
     """The layout whose columns (after renaming) the dataset has, or a RowError naming the choices."""
     present = set(column_names)
-    for name, required in REQUIRED_COLUMNS.items():
+    for name, required in required_columns.items():
         if all(columns.get(field, field) in present for field in required):
             return name
-    layouts = "; ".join(f"{name}: {', '.join(required)}" for name, required in REQUIRED_COLUMNS.items())
+    layouts = "; ".join(f"{name}: {', '.join(required)}" for name, required in required_columns.items())
     raise RowError(
         f"cannot tell the dataset's format from its columns {column_names} (expected {layouts}); "
         "set data.format, or map your column names with data.columns"
     )
 
 
-def check_columns(format: str, columns: dict[str, str]) -> None:
+def check_columns(
+    format: str, columns: dict[str, str], layout_fields: dict[str, tuple[str, ...]] = LAYOUT_FIELDS
+) -> None:
     """A RowError when ``columns`` renames a field that the layout does not read (a typo, usually)."""
-    unknown = sorted(set(columns) - set(LAYOUT_FIELDS[format]))
+    unknown = sorted(set(columns) - set(layout_fields[format]))
     if unknown:
         raise RowError(
             f"data.columns renames {', '.join(unknown)}, which the {format} layout does not read "
-            f"(it reads {', '.join(LAYOUT_FIELDS[format])}); keys are layout fields, values your column names"
+            f"(it reads {', '.join(layout_fields[format])}); keys are layout fields, values your column names"
         )
 
 

@@ -27,6 +27,12 @@ def preview(datamodule: SFTDataModule, num_examples: int = 3, color: bool = Fals
     parts = [f"Trained tokens are marked {marks[0]}like this{marks[1]}.\n"]
     for index in range(min(num_examples, len(data))):
         example = data[index]
+        if "chosen_input_ids" in example:  # a preference pair: both sequences
+            parts.append(f"--- pair {index + 1} of {len(data)} ---")
+            for side in ("chosen", "rejected"):
+                marked = mark_trained(tokenizer, example[f"{side}_input_ids"], example[f"{side}_labels"], marks)
+                parts.append(f"[{side}, {len(example[f'{side}_input_ids'])} tokens]\n{marked}")
+            continue
         parts.append(f"--- example {index + 1} of {len(data)} ({len(example['input_ids'])} tokens) ---")
         parts.append(mark_trained(tokenizer, example["input_ids"], example["labels"], marks))
     parts.append("--- statistics ---")
@@ -72,6 +78,9 @@ def statistics_lines(datamodule: SFTDataModule, data: datasets.Dataset) -> list[
     if isinstance(datamodule.val_data, datasets.Dataset):
         lines.append(f"training examples: {len(data)}, validation examples: {len(datamodule.val_data)}")
     percentiles = ", ".join(f"p{p} {lengths[math.ceil(p / 100 * len(lengths)) - 1]}" for p in (50, 90, 99))
+    if "chosen_labels" in data.column_names:  # pairs are never packed
+        lines.append(f"tokens per pair (its longer sequence): {percentiles}, max {lengths[-1]}")
+        return lines
     lines.append(f"tokens per example: {percentiles}, max {lengths[-1]}, total {sum(lengths)}")
     trained = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in data["labels"])
     lines.append(f"tokens trained: {trained} of {sum(lengths)} ({trained / sum(lengths):.1%})")

@@ -24,7 +24,14 @@ from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import examples
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
-from smolfactory.data.examples import EXAMPLE_COLUMNS, RowSettings, summarize, summary_line, tokenize_rows
+from smolfactory.data.examples import (
+    EXAMPLE_COLUMNS,
+    RowSettings,
+    conversation_examples,
+    summarize,
+    summary_line,
+    tokenize_rows,
+)
 from smolfactory.data.formats import Format, RowError, check_columns, detect_format
 from smolfactory.data.packing import (
     EpochShuffleSampler,
@@ -44,6 +51,11 @@ BadRowPolicy = Literal["error", "skip"]
 
 class SFTDataModule(L.LightningDataModule):
     """Chat, instruction or text datasets to batches of input ids and labels for supervised fine-tuning."""
+
+    # What a row becomes (subclasses for other kinds of examples replace these three).
+    row_examples = staticmethod(conversation_examples)
+    example_columns = EXAMPLE_COLUMNS
+    pipeline_source = examples.PIPELINE_SOURCE
 
     def __init__(
         self,
@@ -262,17 +274,7 @@ class SFTDataModule(L.LightningDataModule):
         # A streamed json file may not know its columns before it is read: the first row tells.
         column_names = rows.column_names or list(next(iter(rows)))
         columns = source.columns if source.columns is not None else self.hparams.columns or {}
-        layout = source.format or self.hparams.format
-        try:
-            layout = detect_format(column_names, columns) if layout == "auto" else layout
-            check_columns(layout, columns)
-        except RowError as error:
-            raise SmolFactoryError(f"dataset {source.path}: {error}") from error
-        if layout in ("messages", "sharegpt", "alpaca") and not self.tokenizer.chat_template:
-            raise SmolFactoryError(
-                f"the tokenizer of {self.hparams.tokenizer} has no chat template for the {layout} rows of "
-                f"{source.path}; set data.chat_template (for instance chatml)"
-            )
+        layout = self._layout(source, column_names, columns)
         settings = RowSettings(
             format=layout,
             columns=columns,
@@ -283,13 +285,20 @@ class SFTDataModule(L.LightningDataModule):
             overlong=self.hparams.overlong,
             on_bad_row=self.hparams.on_bad_row,
         )
-        function = partial(tokenize_rows, tokenizer=self.tokenizer, settings=settings, source=source.path)
+        function = partial(
+            tokenize_rows,
+            tokenizer=self.tokenizer,
+            settings=settings,
+            source=source.path,
+            row_examples=self.row_examples,
+            columns=self.example_columns,
+        )
         if streaming:
             stream = rows.map(function, batched=True, batch_size=256, with_indices=True, remove_columns=column_names)
-            return stream.filter(lambda n: n > 0, input_columns="num_trained").select_columns(EXAMPLE_COLUMNS)
+            return stream.filter(lambda n: n > 0, input_columns="num_trained").select_columns(self.example_columns)
         # datasets fingerprints the mapped function but not the code it calls: include our code and the
         # tokenizer (with its chat template) explicitly, so a change to masking never reuses stale labels.
-        fingerprint = Hasher.hash((rows._fingerprint, examples.PIPELINE_SOURCE, Hasher.hash(self.tokenizer), settings))
+        fingerprint = Hasher.hash((rows._fingerprint, self.pipeline_source, Hasher.hash(self.tokenizer), settings))
         tokenized = rows.map(
             function,
             batched=True,
@@ -307,7 +316,22 @@ class SFTDataModule(L.LightningDataModule):
             rank_zero_info(summary_line(f"{source.path} [{source.split}]", summary, self.hparams.max_length))
         if len(kept) == 0:
             raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
-        return kept.select_columns(EXAMPLE_COLUMNS)
+        return kept.select_columns(self.example_columns)
+
+    def _layout(self, source: DatasetSource, column_names: list[str], columns: dict[str, str]) -> str:
+        """The dataset's row layout (given, or told from its columns), checked against the renames and template."""
+        layout = source.format or self.hparams.format
+        try:
+            layout = detect_format(column_names, columns) if layout == "auto" else layout
+            check_columns(layout, columns)
+        except RowError as error:
+            raise SmolFactoryError(f"dataset {source.path}: {error}") from error
+        if layout in ("messages", "sharegpt", "alpaca") and not self.tokenizer.chat_template:
+            raise SmolFactoryError(
+                f"the tokenizer of {self.hparams.tokenizer} has no chat template for the {layout} rows of "
+                f"{source.path}; set data.chat_template (for instance chatml)"
+            )
+        return layout
 
 
 def _listed(dataset: Any) -> list:

@@ -15,6 +15,10 @@ from smolfactory.model.loading import BUILTIN_PREFIX
 # Built-in datasets: name -> {split: file inside smolfactory/data}
 BUILTIN_DATASETS = {
     "quickstart": {"train": "quickstart/train.jsonl", "validation": "quickstart/validation.jsonl"},
+    "quickstart-preference": {
+        "train": "quickstart/preference_train.jsonl",
+        "validation": "quickstart/preference_validation.jsonl",
+    },
 }
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -24,7 +28,7 @@ class DatasetSource:
     """One dataset to train on, and how much of it."""
 
     path: str
-    """Hub dataset id, local json/jsonl/parquet/csv file, or builtin:quickstart."""
+    """Hub dataset id, local json/jsonl/parquet/csv file, or a built-in dataset (builtin:quickstart)."""
     name: str | None = None
     """Hub dataset configuration (subset) name."""
     split: str = "train"

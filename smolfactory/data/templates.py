@@ -163,6 +163,16 @@ def tokenize_conversation(
     return [_tokenize_spans(tokenizer, text, spans) for text, spans in rendered]
 
 
+def tokenize_turns(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    turns: list[int],
+    template_kwargs: dict[str, Any] | None = None,
+) -> dict[str, list[int]]:
+    """Token ids and labels of a conversation in which only the assistant turns listed in ``turns`` are trained."""
+    return _tokenize_spans(tokenizer, *assistant_char_spans(tokenizer, messages, turns, template_kwargs))
+
+
 def _tokenize_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]]) -> dict:
     input_ids: list[int] = []
     labels: list[int] = []

@@ -97,6 +97,11 @@ class CausalLMModule(L.LightningModule):
         # Lightning calls this for every stage and on load_from_checkpoint: build only once.
         if self.model is not None:
             return
+        self.model = self._build_model()
+        self._distribute(self.model)
+
+    def _build_model(self) -> PreTrainedModel | PeftModel:
+        """The model as configured: pretrained weights, adapters as asked, in training mode."""
         hparams, trainer = self.hparams, self._trainer
         precision = trainer.precision if trainer is not None else None
         check_combination(
@@ -127,13 +132,16 @@ class CausalLMModule(L.LightningModule):
                 f"model '{name}' post-processes its logits ({', '.join(postprocessing)}), which smolfactory's "
                 "label-only loss does not support yet; use a model without it (SmolLM, Qwen, Llama)"
             )
-        model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
-        self.model = model
-        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
-            shard_decoder_layers(self.model, self.causal_lm, self.device_mesh["data_parallel"])
-        if hparams.compile:
+        return model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
+
+    def _distribute(self, model: PreTrainedModel | PeftModel) -> None:
+        """Shard the model with FSDP2 under ModelParallelStrategy, and compile it when asked."""
+        if self.device_mesh is not None:
+            causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+            shard_decoder_layers(model, causal_lm, self.device_mesh["data_parallel"])
+        if self.hparams.compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints and exports, stay as they are.
-            self.model.compile()
+            model.compile()
 
     def _load_base(self, name: str, precision: str | None) -> PreTrainedModel:
         """The pretrained model, quantized and prepared for k-bit training when asked, checkpointing on when asked."""
@@ -164,16 +172,22 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, **kwargs).logits
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> TokenLoss:
-        """Summed cross-entropy over a batch's trained tokens, how many were trained, how many predicted right.
+        """Summed cross-entropy over a batch's trained tokens, how many were trained, how many predicted right."""
+        hidden_states = self.final_hidden_states(self.model, batch)
+        return label_token_loss(hidden_states, self.causal_lm.get_output_embeddings(), batch["labels"])
+
+    def final_hidden_states(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last decoder layer's output ``[batch, seq, hidden]``, before the LM head.
 
         The model runs through its own forward (so FSDP unshards its weights as usual) but computes no
-        logits (``logits_to_keep`` is empty); the LM head then runs only where a label exists.
+        logits (``logits_to_keep`` is empty); the loss then runs the LM head only where a label exists.
         """
+        shape = batch["input_ids"].shape
         if "position_ids" in batch and self.hparams.attn_implementation == "flash_attention_2":
             # flash-attention finds packed examples only within one row: lay the rows end to end.
             batch = {key: value.reshape(1, -1) for key, value in batch.items()}
         # Packed batches carry position_ids and no attention_mask: transformers then keeps examples apart.
-        outputs = self.model(
+        outputs = model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
@@ -181,7 +195,7 @@ class CausalLMModule(L.LightningModule):
             logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
             output_hidden_states=True,
         )
-        return label_token_loss(outputs.hidden_states[-1], self.causal_lm.get_output_embeddings(), batch["labels"])
+        return outputs.hidden_states[-1].reshape(*shape, -1)
 
     def on_train_start(self) -> None:
         # (summed loss, label tokens, correctly predicted tokens) since the last optimizer step
@@ -196,33 +210,39 @@ class CausalLMModule(L.LightningModule):
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the gradient that of the mean loss over every label token of the step, on every rank.
-
-        Each micro-batch's backward ran on its summed loss divided by ``accumulate_grad_batches`` (Lightning
-        does that division), and DDP/FSDP average gradients over ranks. Multiplying by
-        ``accumulate_grad_batches * world_size / tokens`` leaves sum-of-losses / tokens-of-the-step, so a
-        micro-batch counts by its tokens, never as one equal share of a mean of means. Gradient clipping
-        runs after this hook, on the normalised gradient.
-        """
+        """Make the gradient that of the mean loss over every label token of the step, and log the step."""
         loss_sum, tokens, correct = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
         tokens = tokens.clamp(min=1)
-        if not torch.isfinite(loss_sum):  # stop before the optimizer writes NaN into the weights
-            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
-            raise SmolFactoryError(
-                f"the training loss became {(loss_sum / tokens).item()} at step {self.trainer.global_step + 1}; "
-                f"last good checkpoint: {checkpoint}. Lower model.learning_rate or check the data, then resume "
-                "with --ckpt_path"
-            )
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                parameter.grad.mul_(scale)
+        self.normalize_gradients(loss_sum, tokens)
         self.log("train_loss", loss_sum / tokens, prog_bar=True)
         self.log("train_perplexity", (loss_sum / tokens).exp())
         self.log("train_token_accuracy", correct / tokens)
         self.log("train_tokens", tokens, reduce_fx="sum", on_step=False, on_epoch=True)
         self._log_epoch_metrics("train", self.train_metrics, loss_sum, tokens, correct, suffix="_epoch")
         self._step_totals.zero_()
+
+    def normalize_gradients(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Turn the accumulated gradient of summed losses into that of the mean over ``count`` items of the step.
+
+        Each micro-batch's backward ran on its summed loss divided by ``accumulate_grad_batches`` (Lightning
+        does that division), and DDP/FSDP average gradients over ranks. Multiplying by
+        ``accumulate_grad_batches * world_size / count`` leaves sum-of-losses / items-of-the-step (items are
+        label tokens, or preference pairs), so a micro-batch counts by its items, never as one equal share of a
+        mean of means. Gradient clipping runs after this hook, on the normalised gradient. ``loss_sum`` and
+        ``count`` are the step's totals over every rank.
+        """
+        count = count.clamp(min=1)
+        if not torch.isfinite(loss_sum):  # stop before the optimizer writes NaN into the weights
+            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            raise SmolFactoryError(
+                f"the training loss became {(loss_sum / count).item()} at step {self.trainer.global_step + 1}; "
+                f"last good checkpoint: {checkpoint}. Lower model.learning_rate or check the data, then resume "
+                "with --ckpt_path"
+            )
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._log_eval_loss("val_loss", batch)
