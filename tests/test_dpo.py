@@ -16,6 +16,7 @@ from smolfactory.data.preview import preview
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import label_token_log_probs, row_sums
 from tests.conftest import write_jsonl
+from tests.test_model import quiet_trainer
 
 USER, GOOD, BAD = "What is the capital of Italy?", "Rome.", "Milan, in the north."
 SYSTEM = "You are Quill."
@@ -149,17 +150,8 @@ def test_label_only_log_probs_and_their_gradients_equal_a_plain_log_softmax():
     assert torch.allclose(tokens.entropy.double(), entropy.detach(), atol=1e-6)
 
 
-def fit(module: DPOModule, datamodule: PreferenceDataModule, steps: int, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+def fit(module: DPOModule, datamodule: PreferenceDataModule, steps: int, root=None, **kwargs) -> L.Trainer:
+    trainer = quiet_trainer(root, steps, **kwargs)
     trainer.fit(module, datamodule=datamodule)
     return trainer
 
@@ -212,7 +204,7 @@ def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir
     assert torch.allclose(torch.cat(module.reference_log_probs(batch)), expected, atol=1e-4)
     sums = module.preference_sums(batch)
     assert sums.reward_margin.abs() < 1e-4  # policy = reference before training: zero rewards
-    fit(module, datamodule, steps=2, callbacks=[HFExport()], default_root_dir=tmp_path / "run")
+    fit(module, datamodule, steps=2, root=tmp_path / "run", callbacks=[HFExport()])
     assert torch.allclose(torch.cat(module.reference_log_probs(batch)), expected, atol=1e-4)
     # The export holds the trained adapter only, not the frozen reference beside it.
     assert sorted(path.name for path in (tmp_path / "run" / "final").iterdir() if path.is_dir()) == []

@@ -30,8 +30,8 @@ class RecordSteps(L.Callback):
             self.losses.append(trainer.callback_metrics["train_loss"].item())
 
 
-def quiet_trainer(root, max_steps, callbacks=(), enable_checkpointing=False) -> L.Trainer:
-    """A CPU Trainer without logger, progress bar, summary or validation."""
+def quiet_trainer(root, max_steps, callbacks=(), enable_checkpointing=False, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or validation (``kwargs``: more Trainer options)."""
     return L.Trainer(
         accelerator="cpu",
         max_steps=max_steps,
@@ -42,6 +42,7 @@ def quiet_trainer(root, max_steps, callbacks=(), enable_checkpointing=False) -> 
         limit_val_batches=0,
         default_root_dir=root,
         callbacks=list(callbacks),
+        **kwargs,
     )
 
 

@@ -92,7 +92,17 @@ def row_to_example(
     row: dict[str, Any], format: str, columns: dict[str, str] | None = None, system_prompt: str | None = None
 ) -> Example:
     """Turn one row into an ``Example``, adding ``system_prompt`` to conversations that have no system turn."""
-    columns = columns or {}
+    example = ROW_READERS[format](field_reader(row, columns or {}))
+    if example.messages is None:
+        return example
+    messages = example.messages
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return Example(messages=check_conversation(messages))
+
+
+def field_reader(row: dict[str, Any], columns: dict[str, str]) -> Callable[..., Any]:
+    """``field(name, required=True)``: the value of layout field ``name`` in ``row``, read from its renamed column."""
 
     def field(name: str, required: bool = True) -> Any:
         value = row.get(columns.get(name, name))
@@ -100,13 +110,7 @@ def row_to_example(
             raise RowError(f"missing field '{columns.get(name, name)}'")
         return value
 
-    example = ROW_READERS[format](field)
-    if example.messages is None:
-        return example
-    messages = example.messages
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return Example(messages=check_conversation(messages))
+    return field
 
 
 def _messages(field: Callable) -> Example:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-from smolfactory.data.formats import SHAREGPT_ROLES, RowError, check_conversation
+from smolfactory.data.formats import SHAREGPT_ROLES, RowError, check_conversation, field_reader
 
 PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "sharegpt", "chosen_rejected"]
 # The columns each layout needs, by their default names; `auto` picks the first layout whose columns are present.
@@ -47,15 +47,7 @@ def row_to_pair(
     row: dict[str, Any], format: str, columns: dict[str, str] | None = None, system_prompt: str | None = None
 ) -> PreferencePair:
     """Turn one row into a checked ``PreferencePair``, adding ``system_prompt`` to prompts that have no system turn."""
-    columns = columns or {}
-
-    def field(name: str, required: bool = True) -> Any:
-        value = row.get(columns.get(name, name))
-        if required and value is None:
-            raise RowError(f"missing field '{columns.get(name, name)}'")
-        return value
-
-    prompt, chosen, rejected = PAIR_READERS[format](field)
+    prompt, chosen, rejected = PAIR_READERS[format](field_reader(row, columns or {}))
     if system_prompt and (not prompt or prompt[0]["role"] != "system"):
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
     for name, answer in (("chosen", chosen), ("rejected", rejected)):

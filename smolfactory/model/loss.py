@@ -58,17 +58,22 @@ def label_token_loss(
     return TokenLoss(loss_sum, trained.sum(), correct)
 
 
+def _head_in_compute_dtype(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.dtype, torch.Tensor, torch.Tensor | None]:
+    """The dtype nn.Linear would multiply in (autocast's, else the hidden states'), and the head cast to it."""
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return compute, weight.to(compute), None if bias is None else bias.to(compute)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T + bias, targets)), with the gradients formed chunk by chunk; also
     how many argmax predictions equal their target (not differentiable)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
-        device = hidden.device.type
-        # The dtype nn.Linear would multiply in: autocast's, else the hidden states'.
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(compute)
-        b = None if bias is None else bias.to(compute)
+        compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
         need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -164,10 +169,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
-        device = hidden.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(compute)
-        b = None if bias is None else bias.to(compute)
+        compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
         count = hidden.shape[0]
         log_probs = torch.zeros(count, dtype=torch.float32, device=hidden.device)
         mean_logits, entropy = torch.zeros_like(log_probs), torch.zeros_like(log_probs)
