@@ -133,6 +133,13 @@ class StopAt(L.Callback):
         trainer.should_stop = trainer.global_step == 4
 
 
+class StopAtEpochEnd(L.Callback):
+    """A stop after step 6, the last batch of the first epoch: the resumed run starts the second epoch."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step == 6
+
+
 class CtrlCDuringStep4(L.Callback):
     """Ctrl-C on the first micro-batch of step 4: SaveOnInterrupt must finish the step before it saves."""
 
@@ -149,8 +156,9 @@ class CtrlCDuringStep4(L.Callback):
         (True, StopAt, "adamw"),
         (False, CtrlCDuringStep4, "adamw"),
         (False, StopAt, "adamw_8bit"),
+        (False, StopAtEpochEnd, "adamw"),
     ],
-    ids=["shuffled", "grouped", "ctrl-c-while-accumulating", "adamw-8bit"],
+    ids=["shuffled", "grouped", "ctrl-c-while-accumulating", "adamw-8bit", "at-the-end-of-an-epoch"],
 )
 def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_length, interruption, optimizer):
     """2N steps straight equal N steps, a stop, and N resumed steps: every loss and the final weights."""
@@ -177,7 +185,7 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
             with pytest.raises(SystemExit):  # Lightning's graceful exit, status 0
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         else:
-            trainer.callbacks += [StopAt()] if stop else []
+            trainer.callbacks += [interruption()] if stop else []
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
@@ -185,9 +193,10 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     straight, straight_weights = run(tmp_path / "straight")
     first, _ = run(tmp_path / "stopped", stop=True)
     last = tmp_path / "stopped/checkpoints/last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 4
+    stopped_at = 6 if interruption is StopAtEpochEnd else 4
+    assert torch.load(last, weights_only=True)["global_step"] == stopped_at
     second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(last))
-    assert len(straight) == 8 and len(first) == 4 and len(second) == 4
+    assert len(straight) == 8 and len(first) == stopped_at and len(second) == 8 - stopped_at
     assert first + second == pytest.approx(straight, abs=1e-6)
     for name, weight in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], weight, atol=1e-6, rtol=0, msg=name)

@@ -16,6 +16,7 @@ from smolfactory.data.preview import preview
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import label_token_log_probs, row_sums
 from tests.conftest import write_jsonl
+from tests.test_checkpoints import StepLosses, trainer_with_checkpoints
 from tests.test_model import quiet_trainer
 
 USER, GOOD, BAD = "What is the capital of Italy?", "Rome.", "Milan, in the north."
@@ -255,3 +256,35 @@ def test_a_step_is_the_mean_over_its_pairs_however_it_is_accumulated(tiny_model_
     for name, gradient in gradients[0].items():
         # Padding to another length changes the float sums slightly; a mean of means differs by far more.
         assert torch.allclose(gradient, gradients[1][name], rtol=1e-4, atol=1e-6), name
+
+
+class StopAfter3(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.should_stop = trainer.global_step == 3
+
+
+def test_resuming_dpo_from_an_adapter_continues_exactly(tiny_model_dir, pairs_path, tmp_path):
+    """6 steps straight equal 3 steps, a stop and 3 resumed ones (losses and weights); the checkpoint holds the
+    trained adapter only, and the frozen reference adapter is loaded again from its folder."""
+    start = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2)
+    fit(start, datamodule_for(tiny_model_dir, pairs_path), steps=2)
+    start.model.save_pretrained(tmp_path / "adapter")
+
+    def run(root, ckpt_path=None, stop=False):
+        L.seed_everything(0)
+        module = DPOModule(model_name=str(tmp_path / "adapter"), learning_rate=1e-2)
+        losses = StepLosses()
+        trainer = trainer_with_checkpoints(root, max_steps=6)
+        trainer.callbacks += [losses, *([StopAfter3()] if stop else [])]
+        trainer.fit(module, datamodule=datamodule_for(tiny_model_dir, pairs_path, batch_size=1), ckpt_path=ckpt_path)
+        return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    straight, straight_weights = run(tmp_path / "straight")
+    first, _ = run(tmp_path / "stopped", stop=True)
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert saved and all(".default." in name for name in saved)
+    second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(last))
+    assert len(first) == 3 and first + second == pytest.approx(straight, abs=1e-6)
+    for name, weight in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, atol=1e-6, rtol=0, msg=name)

@@ -145,7 +145,9 @@ class ResumableDataLoader(DataLoader):
         self._skip = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done() if self.batches_done is not None else 0}
+        done = self.batches_done() if self.batches_done is not None else 0
+        # Saved after an epoch's last batch, a resumed run starts the next epoch: nothing of it to skip.
+        return {"batches_done": done if done < len(self) else 0}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = state["batches_done"]

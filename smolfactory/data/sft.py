@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import datasets
 import lightning as L
+import torch
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
@@ -173,7 +174,13 @@ class SFTDataModule(L.LightningDataModule):
         if hparams.packing:
             data = PackedDataset(data, hparams.max_length)
         if not shuffle:
-            return DataLoader(data, hparams.batch_size, collate_fn=collate, num_workers=hparams.num_workers)
+            return DataLoader(
+                data,
+                hparams.batch_size,
+                collate_fn=collate,
+                num_workers=hparams.num_workers,
+                generator=self._generator(),
+            )
         sampler = EpochShuffleSampler(len(data), hparams.seed)
         if hparams.group_by_length:
             batches = LengthGroupedBatchSampler(sampler, hparams.batch_size, False, data["length"])
@@ -181,8 +188,14 @@ class SFTDataModule(L.LightningDataModule):
         else:
             arguments = {"batch_size": hparams.batch_size, "sampler": sampler}
         return ResumableDataLoader(
-            data, collate_fn=collate, num_workers=hparams.num_workers, batches_done=self._batches_done, **arguments
-        )
+            data, collate_fn=collate, num_workers=hparams.num_workers, batches_done=self._batches_done,
+            generator=self._generator(), **arguments,
+        )  # fmt: skip
+
+    def _generator(self) -> torch.Generator:
+        """A generator of the loader's own to seed its iterators: torch's default draws from the global one at
+        every epoch and validation, which a resumed run could not replay (its dropout masks would differ)."""
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def _batches_done(self) -> int:
         """Batches of the current epoch the training loop has taken (what a resumed run skips)."""
@@ -196,7 +209,11 @@ class SFTDataModule(L.LightningDataModule):
         if self.hparams.packing:
             data = PackedStream(data, self.hparams.max_length)
         return DataLoader(
-            data, self.hparams.batch_size, collate_fn=self._collate(), num_workers=self.hparams.num_workers
+            data,
+            self.hparams.batch_size,
+            collate_fn=self._collate(),
+            num_workers=self.hparams.num_workers,
+            generator=self._generator(),
         )
 
     def _collate(self) -> partial:

@@ -302,8 +302,7 @@ class CausalLMModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Restored just before the next training batch: building the DataLoader iterator in between
-        # draws from the global generator, which the uninterrupted run did not do at this point.
+        # Restored just before the next training batch, after Lightning has set up the loops and loaders.
         self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
