@@ -65,9 +65,8 @@ class PreferenceMetrics(torch.nn.Module):
         self.means = torch.nn.ModuleDict({name: MeanMetric() for name in METRIC_NAMES})
 
     def update(self, sums: PreferenceSums) -> None:
-        means, counts = sums.means(), sums.counts()
-        for name, metric in self.means.items():
-            metric.update(means[name].detach().float(), weight=counts[name].float())
+        for name, count in sums.counts().items():
+            self.means[name].update((getattr(sums, name) / count).detach().float(), weight=count.float())
 
 
 class DPOModule(CausalLMModule):
@@ -150,7 +149,6 @@ class DPOModule(CausalLMModule):
         tokens = label_token_log_probs(hidden_states, causal_lm.get_output_embeddings(), batch["labels"])
         return row_sums(tokens.log_probs, batch["labels"]), tokens
 
-    @torch.no_grad()
     def reference_log_probs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) sequence log-probabilities under the reference model."""
         with self.reference() as reference:
