@@ -1,5 +1,8 @@
 """smolfactory: fine-tune small language models with PyTorch Lightning."""
 
+import smolfactory.quiet  # noqa: F401  (first: it filters messages that the imports below already emit)
+
+# isort: split
 from smolfactory.data import PreferenceDataModule, SFTDataModule
 from smolfactory.model import CausalLMModule, DPOModule, LoraSettings
 

@@ -10,11 +10,13 @@ smolfactory plot outputs/quickstart
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from typing import Any
 
 import lightning as L
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from smolfactory import chat, checkpoint_export, plot
@@ -23,10 +25,12 @@ from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.callbacks.throughput import TokenThroughput
+from smolfactory.checkpoints import check_checkpoint
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.sft import CausalLMModule
+from smolfactory.run_folder import add_run_defaults, check_writable, last_checkpoint, run_folder, start_run_folder
 
 # Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -71,15 +75,32 @@ class SmolFactoryCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "preview": {"model", "datamodule"}}
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then settle what the run folder and ``--ckpt_path`` mean, before anything loads."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        # LightningCLI then replaces the model's settings with those saved in a --ckpt_path file (and the linked
+        # tokenizer with them); before_instantiate_classes puts back what the user gave, and the module refuses a
+        # checkpoint saved with other settings instead of silently training with them.
+        self.given = {key: copy.deepcopy(config[key]) for key in ("model", "data")}
+        ckpt_path = config.get("ckpt_path")  # preview has none
+        if subcommand == "fit":
+            check_writable(run_folder(config.trainer))
+        if subcommand == "fit" and ckpt_path is None:
+            start_run_folder(config)
+        elif ckpt_path == "last":
+            config.ckpt_path = str(last_checkpoint(config))
+        elif ckpt_path is not None and ckpt_path not in ("best", "hpc", "registry"):
+            config.ckpt_path = str(check_checkpoint(ckpt_path))
+
     def before_instantiate_classes(self) -> None:
-        # Lightning's default logger is TensorBoard's when tensorboard happens to be installed, else CSV; ours is
-        # always CSV (no extra install, and what `smolfactory plot` reads). `logger: false` still turns it off.
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.logger in (None, True):
-            save_dir = config.trainer.default_root_dir or "."
-            config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=save_dir, name="logs")
-            )
+        for key, given in getattr(self, "given", {}).items():
+            config[key] = given
+        add_run_defaults(config.trainer)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": CausalLMModule.__module__ + ".CausalLMModule"})
@@ -92,6 +113,13 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(GenerationSamples, "samples")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit without --ckpt_path in a trainer.default_root_dir that holds another run's checkpoints or "
+            "final folder: delete those checkpoints now, replace the final folder when this run has trained",
+        )
 
 
 # Not Trainer subcommands: no training config, each with its own few options.
@@ -100,6 +128,7 @@ STANDALONE_COMMANDS = {"export": checkpoint_export.main, "chat": chat.main, "plo
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point; configuration and data problems end with one line on stderr, status 2."""
+    from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
     # A bare --print_config prints every option with its type and help as comments.
     args = ["--print_config=comments" if arg == "--print_config" else arg for arg in args]
@@ -108,7 +137,11 @@ def main(args: list[str] | None = None) -> None:
         if args[:1] and args[0] in STANDALONE_COMMANDS:
             STANDALONE_COMMANDS[args[0]](args[1:])
             return
-        SmolFactoryCLI(args=args)
+        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when also given args)
+            sys.argv[1:] = args
+            SmolFactoryCLI()
+        else:
+            SmolFactoryCLI(args=args)
     except Exception as error:
         # jsonargparse wraps errors raised while it builds a class (a subclass-mode model or data module).
         cause = error

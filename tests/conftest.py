@@ -1,14 +1,23 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and tiny randomly initialised Llama models built on it."""
+"""Shared fixtures: the real SmolLM2 tokenizer, tiny randomly initialised Llama models built on it, and a way to
+run the `smolfactory` command in-process."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from smolfactory.cli import main
 from smolfactory.model.loading import DEFAULT_MODEL, resolve_model_path
 
 
@@ -57,3 +66,66 @@ def chat(*turns: str) -> dict:
     """A ``messages`` row from alternating user/assistant texts."""
     roles = ["user", "assistant"]
     return {"messages": [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+DPO_QUICKSTART = str(ROOT / "configs" / "dpo_quickstart.yaml")
+
+
+@dataclass
+class Run:
+    """What one `smolfactory` command did: its exit status and everything it printed."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error(self) -> str:
+        """The last line on stderr (where the one-line errors go)."""
+        lines = self.err.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def smolfactory(capfd: pytest.CaptureFixture, *args: object) -> Run:
+    """Run the `smolfactory` command in this process, as the console script would (status 2 for our errors)."""
+    capfd.readouterr()
+    # Lightning's messages go through its own loggers, whose stream pytest captured at import: listen to them too.
+    log = logging.StreamHandler(io.StringIO())
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in loggers:
+        logger.addHandler(log)
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    finally:
+        for logger in loggers:
+            logger.removeHandler(log)
+    out, err = capfd.readouterr()
+    return Run(code, out + log.stream.getvalue(), err)
+
+
+def stand_in_config(folder: Path, model_dir: str, **sections: dict) -> str:
+    """A second --config for a shipped recipe: the tiny model instead of its model, no progress bar; ``sections``
+    add more settings ({"data": {...}, "trainer": {...}})."""
+    config = {"model": {"model_name": model_dir}, "trainer": {"enable_progress_bar": False}}
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = folder / f"stand-in-{len(list(folder.glob('stand-in-*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+class SignalAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step ``step`` (as a job scheduler would), for CLI tests:
+    `--trainer.callbacks+={"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2}}`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

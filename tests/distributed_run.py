@@ -3,8 +3,8 @@
     python tests/distributed_run.py ddp|fsdp2|fsdp MODEL_DIR DATA_PATH OUT_FOLDER PAIRS_PATH
 
 For full fine-tuning and LoRA in turn: two optimizer steps of global batch 4 (per rank, 2 micro-batches
-of 1 accumulated), the first step's gradients (gathered in full), each step's loss, and the exported
-Hugging Face folder. Under DDP, also DPO with LoRA on the preference pairs of PAIRS_PATH.
+of 1 accumulated, gradients clipped by norm), the first step's gradients (gathered in full), each step's loss,
+and the exported Hugging Face folder. Under DDP, also DPO with LoRA on the preference pairs of PAIRS_PATH.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class StopAt(L.Callback):
 
 
 VARIANTS = {"full": None, "lora": LoraSettings(r=4, alpha=8)}
+# Below the gradient norms of these runs, so clipping changes every update: by the norm over all shards and ranks.
+CLIP_NORM = 0.05
 
 
 def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devices: int, batch_size: int,
@@ -106,6 +108,7 @@ def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devic
     callbacks += [] if resume else [StopAt(stop_at)]
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
+        gradient_clip_val=CLIP_NORM,
         logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=out / name, callbacks=[HFExport(), *(callbacks if checkpoints else [])],
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -13,39 +14,68 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fsspec.implementations.local import LocalFileOpener
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
 from smolfactory.callbacks import SaveOnInterrupt
+from smolfactory.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from smolfactory.errors import SmolFactoryError
 from tests.conftest import chat, write_jsonl
 from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
 from tests.test_model import quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
-def trainer_with_checkpoints(root: Path, max_steps: int) -> L.Trainer:
+def trainer_with_checkpoints(root: Path, max_steps: int, **kwargs) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
-    return quiet_trainer(root, max_steps, [checkpoints], enable_checkpointing=True)
+    return quiet_trainer(root, max_steps, [checkpoints], enable_checkpointing=True, **kwargs)
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    trainer = trainer_with_checkpoints(tmp_path, max_steps=2)
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    trainer = trainer_with_checkpoints(tmp_path, max_steps=2, plugins=[AtomicCheckpointIO()])
     trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=tiny_data)
     last = tmp_path / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
+    save = torch.save
 
-    write = LocalFileOpener.write
+    def write_half_then_fail(checkpoint, file):  # the disk fills up halfway through the file
+        buffer = io.BytesIO()
+        save(checkpoint, buffer)
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(28, "No space left on device")
 
-    def write_half_then_crash(self, data):  # the process dies halfway through writing the file
-        write(self, data[: len(data) // 2])
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(LocalFileOpener, "write", write_half_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(
+        SmolFactoryError, match=r"could not write checkpoint last\.ckpt in .* \(No space left on device\)"
+    ):
         trainer.save_checkpoint(last)
     assert last.read_bytes() == before  # the old checkpoint, untouched
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert not [path for path in last.parent.iterdir() if not path.name.endswith(".ckpt")]  # nothing half-written
+
+
+KILLED_WHILE_WRITING = """
+import io, os, signal, sys, torch
+from smolfactory.checkpoints import AtomicCheckpointIO
+path = sys.argv[1]
+AtomicCheckpointIO().save_checkpoint({"global_step": 1, "weights": torch.ones(100_000)}, path)
+save = torch.save
+def write_half_then_die(checkpoint, file):
+    buffer = io.BytesIO()
+    save(checkpoint, buffer)
+    file.write(buffer.getvalue()[: buffer.tell() // 2])
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = write_half_then_die
+AtomicCheckpointIO().save_checkpoint({"global_step": 2, "weights": torch.zeros(100_000)}, path)
+"""
+
+
+def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_as_the_newest(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(last)], cwd=ROOT, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert newest_checkpoint([last.parent]) == last  # the half-written file beside it is no candidate
+    assert len(list(last.parent.iterdir())) == 2
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
@@ -99,7 +129,7 @@ def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, sign
     reader.join(timeout=10)
     output = "".join(lines)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert f"saved {last}. Resume with the same command plus --ckpt_path {last}" in output
+    assert f"saved {last}. Resume with the same command plus --ckpt_path last" in output
     step = torch.load(last, weights_only=False)["global_step"]
     cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     assert step > 0 and f"{cause} at step {step}:" in output and "Traceback" not in output

@@ -30,20 +30,6 @@ def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> s
             "log_every_n_steps": 1,
             "default_root_dir": str(tmp_path),
             "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(tmp_path), "name": "logs"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(tmp_path / "checkpoints"),
-                        "save_last": True,
-                        "save_top_k": 0,
-                    },
-                }
-            ],
         },
         "model": {"model_name": tiny_model_dir},
         "data": {"max_length": 256, "batch_size": 4},

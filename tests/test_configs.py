@@ -1,55 +1,77 @@
-"""Every recipe in configs/models/ parses and builds, with a tiny stand-in model on the CPU (no download):
-the hub model, dataset, LoRA, quantization and strategy settings are those the file says."""
+"""Every shipped recipe trains a step as shipped, on the CPU: its own precision, clipping, optimizer, LoRA and
+quantization settings. Only what this machine cannot provide changes: the model (a tiny stand-in of the same
+family of architecture), a Hub dataset (a local file in its layout), the accelerator, device count and strategy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from bitsandbytes.nn import Linear4bit
+from bitsandbytes.optim import AdamW8bit
 from lightning.pytorch.cli import instantiate_class
 
 from smolfactory.cli import SmolFactoryCLI
+from tests.conftest import ROOT, chat, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+RECIPES = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+SHIPPED = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "dpo_quickstart.yaml", *RECIPES]
 
 
 def test_the_promised_recipes_exist():
-    names = {path.stem for path in CONFIGS}
+    names = {path.stem for path in RECIPES}
     expected = {"smollm3-3b-lora", "smollm3-3b-qlora", "smollm3-3b-full-fsdp", "smollm2-135m-lora",
                 "smollm2-360m-lora", "smollm2-1.7b-lora", "qwen2.5-0.5b-lora"}  # fmt: skip
     assert expected <= names
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.stem)
-def test_recipe_builds_with_a_tiny_stand_in(config, tiny_model_dir, tmp_path):
+def stand_in(config: Path, raw: dict, model_dir: str, folder: Path) -> dict:
+    """The settings this machine has to replace, and nothing else."""
+    model = raw["model"].get("init_args", raw["model"])
+    data = raw["data"].get("init_args", raw["data"])
+    replaced = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "max_steps": 1},
+        "model": {"model_name": model_dir},
+    }
+    if not str(data["dataset"]).startswith("builtin:"):  # a Hub dataset of conversations (messages layout)
+        rows = [chat(f"Question {i}?", "An answer. " * (1 + i % 4)) for i in range(24)]
+        replaced["data"] = {"dataset": str(write_jsonl(folder / "conversations.jsonl", rows))}
+    assert model["model_name"] != model_dir
+    return replaced
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
+def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, tmp_path):
     raw = yaml.safe_load(config.read_text())
-    assert raw["model"]["model_name"].count("/") == 1  # a Hub id, as written for machines with the Hub
-    assert raw["trainer"]["accelerator"] == "cuda" and raw["trainer"]["precision"] == "bf16-mixed"
-    overrides = [
-        f"--model.model_name={tiny_model_dir}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.precision=32-true",
-        "--trainer.strategy=auto",
-        f"--trainer.default_root_dir={tmp_path}",
-    ]
-    cli = SmolFactoryCLI(args=["--config", str(config), *overrides], run=False)
-    model, data = cli.model, cli.datamodule
-    assert data.hparams.tokenizer == tiny_model_dir  # linked from model.model_name
-    sources = [{k: v for k, v in source.items() if v is not None} for source in data.hparams.dataset]
-    assert sources == raw["data"]["dataset"]
-    model.configure_model()
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    if raw["model"].get("lora") is None:
-        assert len(trainable) == len(list(model.parameters()))  # full fine-tuning
+    settings = tmp_path / "stand-in.yaml"
+    settings.write_text(yaml.safe_dump(stand_in(config, raw, tiny_model_dir, tmp_path)))
+    root = tmp_path / "run"
+    cli = SmolFactoryCLI(args=["fit", "--config", str(config), "--config", str(settings),
+                               f"--trainer.default_root_dir={root}"])  # fmt: skip
+    trainer, module = cli.trainer, cli.model
+    assert trainer.global_step == 1
+    assert trainer.precision == raw["trainer"]["precision"]
+    assert trainer.gradient_clip_val == raw["trainer"].get("gradient_clip_val")
+    model_settings = raw["model"].get("init_args", raw["model"])
+    optimizer = trainer.optimizers[0]
+    if model_settings.get("optimizer") == "adamw_8bit":
+        assert isinstance(optimizer, AdamW8bit)
+    else:
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    lora = model_settings.get("lora", {"r": 16})  # CausalLMModule's default
+    if lora is None:
+        assert len(trainable) == len(list(module.parameters()))  # full fine-tuning
+        assert (root / "final" / "model.safetensors").is_file()
     else:
         assert trainable and all("lora_" in name for name in trainable)
-        assert model.model.peft_config["default"].r == raw["model"]["lora"]["r"]
-    quantized = any(isinstance(m, Linear4bit) for m in model.modules())
-    assert quantized == (raw["model"].get("quantization") == "nf4")
+        assert module.model.peft_config["default"].r == lora["r"]
+        assert (root / "final" / "adapter_model.safetensors").is_file()
+    quantized = any(isinstance(m, Linear4bit) for m in module.modules())
+    assert quantized == (model_settings.get("quantization") == "nf4")
+    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "logs" / "version_0" / "config.yaml").is_file()
     strategy = raw["trainer"].get("strategy")
     if strategy:  # built as written (the Trainer refuses FSDP without CUDA, the strategy itself does not)
         arguments = {
@@ -59,3 +81,20 @@ def test_recipe_builds_with_a_tiny_stand_in(config, tiny_model_dir, tmp_path):
         built = instantiate_class((), {"class_path": strategy["class_path"], "init_args": arguments})
         assert type(built).__name__ == "FSDPStrategy"
         assert raw["trainer"]["devices"] == 8
+
+
+def values(tree: object) -> list[object]:
+    """Every leaf value of a parsed YAML document."""
+    if isinstance(tree, dict):
+        return [value for child in tree.values() for value in values(child)]
+    if isinstance(tree, list):
+        return [value for child in tree for value in values(child)]
+    return [tree]
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
+def test_each_config_names_its_run_folder_once(config):
+    """Logs, checkpoints and final/ follow trainer.default_root_dir: no setting repeats the folder."""
+    raw = yaml.safe_load(config.read_text())
+    root = raw["trainer"]["default_root_dir"]
+    assert [value for value in values(raw) if isinstance(value, str) and root in value] == [root]

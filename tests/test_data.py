@@ -80,18 +80,24 @@ def test_val_split_holds_out_rows(tiny_model_dir, tmp_path):
     assert (len(datamodule.train_data), len(datamodule.val_data)) == (15, 5)
 
 
-def test_truncation_keeps_max_length_and_a_row_with_nothing_left_to_train_is_a_bad_row(tiny_model_dir, tmp_path):
-    rows = [chat("Hi", "Hello " * 200), chat("word " * 300, "Answer after a long prompt.")]
+def test_truncation_keeps_max_length_and_a_row_with_nothing_left_to_train_is_dropped(tiny_model_dir, tmp_path):
+    rows = [chat("Hi", "Hello " * 200), chat("word " * 300, "Answer after a long prompt."), chat("Hi", "Hello")]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(SmolFactoryError, match=r"d\.jsonl, row 2: nothing is left to train after truncation to 64"):
-        make_datamodule(tiny_model_dir, path, val_split=0, max_length=64)
-    datamodule = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64, on_bad_row="skip")
-    assert len(datamodule.train_data) == 1
+    datamodule = make_datamodule(tiny_model_dir, path, val_split=0, max_length=64)  # on_bad_row: error
+    assert len(datamodule.train_data) == 2
     example = datamodule.train_data[0]
     assert len(example["input_ids"]) == 64
     assert any(label != IGNORE_INDEX for label in example["labels"])
     summary = datamodule.summaries[f"{path}:train"]
-    assert (summary["rows"], summary["examples"], summary["truncated"], summary["skipped"]) == (2, 1, 1, 1)
+    assert (summary["rows"], summary["examples"], summary["truncated"], summary["skipped"]) == (3, 2, 1, 0)
+    assert (summary["dropped"], summary["dropped_first"]) == (1, [2])
+    only_long = write_jsonl(tmp_path / "long.jsonl", rows[1:2])
+    with pytest.raises(
+        SmolFactoryError,
+        match=r"long\.jsonl: no row has a trained token within data\.max_length=64 "
+        r"\(1 of 1 dropped\); raise data\.max_length, or set data\.overlong: truncate_prompt",
+    ):
+        make_datamodule(tiny_model_dir, only_long, val_split=0, max_length=64)
 
 
 @pytest.mark.parametrize("overlong", ["drop", "split"])

@@ -200,6 +200,8 @@ def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir
 
     module = DPOModule(model_name=str(tmp_path / "adapter"), learning_rate=1e-2)
     module.configure_model()
+    # peft's load_adapter(is_trainable=False) puts the whole model in eval mode; the policy trains with dropout.
+    assert all(submodule.training for submodule in module.model.modules())
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     expected = log_probs_by_hand(adapter, batch)
     assert torch.allclose(torch.cat(module.reference_log_probs(batch)), expected, atol=1e-4)

@@ -33,7 +33,18 @@ class HFExport(L.Callback):
         if stage == "fit" and self.push_to_hub:
             require_token("export.push_to_hub")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = Path(trainer.default_root_dir) / self.dirname
+        if trainer.global_step == getattr(self, "_start_step", trainer.global_step):
+            # Nothing trained (max_steps 0, or a resume that had already reached its end): keep what is there.
+            rank_zero_info(
+                f"This fit trained no step (it ended at step {trainer.global_step}), so {folder} was not written; "
+                "`smolfactory export --checkpoint` writes one from any checkpoint"
+            )
+            return
         state_dict = None
         if isinstance(trainer.strategy, ModelParallelStrategy | FSDPStrategy):
             state_dict = gather_full_state_dict(trainer.strategy, pl_module.model)
@@ -41,7 +52,6 @@ class HFExport(L.Callback):
             return
         datamodule = trainer.datamodule
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
-        folder = Path(trainer.default_root_dir) / self.dirname
         model = pl_module.model
         if isinstance(trainer.strategy, FSDPStrategy) and isinstance(model, PeftModel):
             # FSDP's wrappers put "_fsdp_wrapped_module." into the module names from which peft picks the

@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from smolfactory.errors import SmolFactoryError
+
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
@@ -55,12 +57,11 @@ class SaveOnInterrupt(L.Callback):
         # A collective at every optimizer step (cheap): a signal may reach the ranks at different times.
         if not trainer.strategy.reduce_boolean_decision(self._requested is not None, all=False):
             return
-        path = self._save(trainer)
+        path = self._save(trainer)  # a failed write raises: the run stops with that error, not this message
         self._saved = True
         cause = SIGNAL_NAMES.get(self._requested, "A signal on another rank")
-        rank_zero_info(
-            f"{cause} at step {trainer.global_step}: saved {path}. Resume with the same command plus --ckpt_path {path}"
-        )
+        rank_zero_info(f"{cause} at step {trainer.global_step}: saved {path}. Resume with the same command plus "
+                       "--ckpt_path last")  # fmt: skip
         raise SIGTERMException  # a SystemExit: Lightning tears down and the process ends with status 0
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -71,7 +72,7 @@ class SaveOnInterrupt(L.Callback):
             rank_zero_info("Stopped by a second Ctrl-C, without saving a checkpoint.")
         elif isinstance(exception, SIGTERMException):  # SIGTERM before training started: Lightning's handler
             path = self._save(trainer)
-            rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path}. Resume with --ckpt_path {path}")
+            rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path}. Resume with --ckpt_path last")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -86,4 +87,6 @@ class SaveOnInterrupt(L.Callback):
         folder = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath else None
         path = Path(folder or Path(trainer.default_root_dir) / "checkpoints") / self.filename
         trainer.save_checkpoint(path)
+        if trainer.is_global_zero and not path.exists():  # a writer that failed without raising
+            raise SmolFactoryError(f"the checkpoint {path} was not written; training stopped without saving it")
         return path

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import formats, templates
 from smolfactory.data.formats import RowError, row_to_example
+from smolfactory.data.sources import UNREADABLE
 from smolfactory.data.templates import TemplateError, tokenize_example
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
@@ -65,17 +66,17 @@ def tokenize_rows(
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         row = dict(zip(batch, values, strict=True))
         try:
+            if row.get(UNREADABLE):  # a line the file's reader could not read (sources.load_rows)
+                raise RowError(row[UNREADABLE])
             examples, truncated = row_examples(row, tokenizer, settings)
-            if settings.overlong != "drop" and not examples:
-                raise RowError(f"nothing is left to train after truncation to {settings.max_length} tokens")
         except (RowError, TemplateError) as error:
             problem = f"{source}, row {index + 1}: {error}"
             if settings.on_bad_row == "error":
                 raise SmolFactoryError(f"{problem}; fix or remove the row, or set data.on_bad_row: skip") from error
             add(placeholder, f"skipped: {problem}")
             continue
-        if not examples:
-            add(placeholder, "dropped")
+        if not examples:  # a length outcome, not a malformed row: dropped and counted, whatever on_bad_row says
+            add(placeholder, f"dropped: {index + 1}")
         for example in examples:
             add(example, "truncated" if truncated else "")
     return out
@@ -101,12 +102,19 @@ def trained_count(labels: list[int]) -> int:
 
 
 def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tuple[list[int], list[int]]]:
-    """The sequence cut to ``max_length`` as ``settings.overlong`` says; pieces with no trained token are left out."""
+    """The sequence cut to ``max_length`` as ``settings.overlong`` says; pieces with no trained token are left out.
+
+    ``truncate_prompt`` first removes as many of the untrained tokens before the first trained one as needed
+    (``leading_cut``), then the end if the rest is still too long.
+    """
     input_ids, labels, limit = sequence["input_ids"], sequence["labels"], settings.max_length
     if len(input_ids) <= limit:
         pieces = [(input_ids, labels)]
     elif settings.overlong == "drop":
         return []
+    elif settings.overlong == "truncate_prompt":
+        start = leading_cut(labels, limit)
+        pieces = [(input_ids[start : start + limit], labels[start : start + limit])]
     elif settings.overlong == "truncate":
         pieces = [(input_ids[:limit], labels[:limit])]
     else:
@@ -114,31 +122,43 @@ def fit_length(sequence: dict[str, list[int]], settings: RowSettings) -> list[tu
     return [(ids, lab) for ids, lab in pieces if any(label != IGNORE_INDEX for label in lab[1:])]
 
 
+def leading_cut(labels: list[int], limit: int) -> int:
+    """How many leading tokens to remove so that ``limit`` tokens are left, taking only untrained tokens before
+    the first trained one, and keeping the one token before it (which predicts it)."""
+    first_trained = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), len(labels))
+    return max(0, min(len(labels) - limit, first_trained - 1))
+
+
 def summarize(tokenized: datasets.Dataset, rows: int, examples: int) -> dict[str, Any]:
     """Counts of a tokenized dataset: rows read, examples kept, truncated, dropped and skipped rows."""
     status = tokenized["status"]
     skipped = [s.removeprefix("skipped: ") for s in status if s.startswith("skipped")]
+    dropped = [int(s.removeprefix("dropped: ")) for s in status if s.startswith("dropped")]
     return {
         "rows": rows,
         "examples": examples,
         "truncated": status.count("truncated"),
-        "dropped": status.count("dropped"),
+        "dropped": len(dropped),
+        "dropped_first": dropped[:5],
         "skipped": len(skipped),
         "skipped_first": skipped[:3],
     }
 
 
 def summary_line(name: str, summary: dict[str, Any], max_length: int) -> str:
-    """One line of counts (and the first skipped rows' problems) for the log."""
+    """One line of counts (and the first dropped rows, the first skipped rows' problems) for the log."""
+    dropped = summary["dropped"]
+    rows = ", ".join(map(str, summary["dropped_first"])) + (", ..." if dropped > len(summary["dropped_first"]) else "")
     line = (
         f"{name}: {summary['rows']} rows -> {summary['examples']} examples "
-        f"({summary['truncated']} truncated to {max_length} tokens, {summary['dropped']} over-long dropped, "
-        f"{summary['skipped']} bad rows skipped)"
+        f"({summary['truncated']} truncated to {max_length} tokens, {dropped} too long to train dropped"
+        f"{f' (rows {rows})' if dropped else ''}, {summary['skipped']} bad rows skipped)"
     )
     return line + "".join(f"\n  skipped {problem}" for problem in summary["skipped_first"])
 
 
 # The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
 PIPELINE_SOURCE = "".join(
-    inspect.getsource(code) for code in (formats, templates, tokenize_rows, conversation_examples, fit_length)
+    inspect.getsource(code)
+    for code in (formats, templates, tokenize_rows, conversation_examples, fit_length, leading_cut)
 )

@@ -21,11 +21,11 @@ from transformers import PreTrainedTokenizerBase
 
 from smolfactory.data import examples, preference_formats
 from smolfactory.data.collate import pair_collate, prompt_collate
-from smolfactory.data.examples import RowSettings, fit_length, trained_count
+from smolfactory.data.examples import RowSettings, fit_length, leading_cut, trained_count
 from smolfactory.data.formats import RowError, check_columns, detect_format
 from smolfactory.data.preference_formats import PreferenceFormat, row_to_pair
 from smolfactory.data.sft import BadRowPolicy, SFTDataModule
-from smolfactory.data.sources import DatasetSource
+from smolfactory.data.sources import Datasets, DatasetSource, ValidationDataset
 from smolfactory.data.templates import tokenize_turns
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loading import DEFAULT_MODEL
@@ -39,13 +39,17 @@ def pair_examples(
     """One preference row as a pair of tokenized sequences (none when a side is left with nothing to train),
     and whether a side was cut to fit ``max_length``."""
     pair = row_to_pair(row, settings.format, settings.columns, settings.system_prompt)
-    example: dict[str, Any] = {}
-    truncated = False
+    sequences = {}
     for side, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         messages = pair.prompt + answer
         turns = [index for index in range(len(pair.prompt), len(messages)) if messages[index]["role"] == "assistant"]
-        sequence = tokenize_turns(tokenizer, messages, turns, settings.template_kwargs)
-        truncated |= len(sequence["input_ids"]) > settings.max_length
+        sequences[side] = tokenize_turns(tokenizer, messages, turns, settings.template_kwargs)
+    truncated = any(len(sequence["input_ids"]) > settings.max_length for sequence in sequences.values())
+    if settings.overlong == "truncate_prompt":  # the same prompt tokens off both sides: as many as the longer needs
+        cut = max(leading_cut(sequence["labels"], settings.max_length) for sequence in sequences.values())
+        sequences = {side: {key: ids[cut:] for key, ids in sequence.items()} for side, sequence in sequences.items()}
+    example: dict[str, Any] = {}
+    for side, sequence in sequences.items():
         pieces = fit_length(sequence, settings)
         if not pieces:
             return [], truncated
@@ -70,8 +74,8 @@ class PreferenceDataModule(SFTDataModule):
     def __init__(
         self,
         tokenizer: str = DEFAULT_MODEL,
-        dataset: str | DatasetSource | list[str | DatasetSource] = "builtin:quickstart-preference",
-        validation_dataset: str | DatasetSource | None = None,
+        dataset: Datasets = "builtin:quickstart-preference",
+        validation_dataset: ValidationDataset = None,
         val_split: float = 0.05,
         format: PreferenceFormat = "auto",
         columns: dict[str, str] | None = None,
@@ -79,7 +83,7 @@ class PreferenceDataModule(SFTDataModule):
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         max_length: int = 1024,
-        overlong: Literal["truncate", "drop"] = "truncate",
+        overlong: Literal["truncate", "truncate_prompt", "drop"] = "truncate",
         group_by_length: bool = False,
         on_bad_row: BadRowPolicy = "error",
         batch_size: int = 4,
@@ -101,7 +105,9 @@ class PreferenceDataModule(SFTDataModule):
             chat_template: Replaces the tokenizer's template: a built-in name (chatml), a .jinja file or a Jinja string.
             chat_template_kwargs: Extra variables for the chat template, e.g. {enable_thinking: false} for SmolLM3.
             max_length: Longest sequence (prompt and answer) in tokens.
-            overlong: A longer sequence keeps its first max_length tokens (truncate), or its pair is dropped.
+            overlong: A longer sequence keeps its first max_length tokens (truncate), or loses the prompt's start
+                first, the same tokens on both sides, so the answers fit (truncate_prompt), or its pair is dropped.
+                A pair left with nothing to train on a side is dropped and counted.
             group_by_length: Batch pairs of similar length to cut padding.
             on_bad_row: A malformed row stops with an error naming it, or is skipped and counted.
             batch_size: Pairs per micro-batch (twice as many sequences go through the model).

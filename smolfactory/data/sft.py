@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from smolfactory.checkpoints import check_same_settings
 from smolfactory.data import examples
 from smolfactory.data.collate import packed_collate, pad_collate, prompt_collate
 from smolfactory.data.examples import (
@@ -41,12 +42,14 @@ from smolfactory.data.packing import (
     PackedStream,
     ResumableDataLoader,
 )
-from smolfactory.data.sources import BUILTIN_DATASETS, DatasetSource, load_rows
+from smolfactory.data.sources import BUILTIN_DATASETS, Datasets, DatasetSource, ValidationDataset, load_rows
 from smolfactory.data.templates import TrainOn, resolve_chat_template
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loading import BUILTIN_PREFIX, DEFAULT_MODEL, load_tokenizer
 
-Overlong = Literal["truncate", "drop", "split"]
+# Settings a resumed run may change: how many processes read and tokenize, not what the batches hold.
+RESUMABLE_CHANGES = {"num_workers", "num_proc"}
+Overlong = Literal["truncate", "truncate_prompt", "drop", "split"]
 BadRowPolicy = Literal["error", "skip"]
 
 
@@ -61,8 +64,8 @@ class SFTDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str = DEFAULT_MODEL,
-        dataset: str | DatasetSource | list[str | DatasetSource] = "builtin:quickstart",
-        validation_dataset: str | DatasetSource | None = None,
+        dataset: Datasets = "builtin:quickstart",
+        validation_dataset: ValidationDataset = None,
         val_split: float = 0.05,
         format: Format = "auto",
         columns: dict[str, str] | None = None,
@@ -96,10 +99,13 @@ class SFTDataModule(L.LightningDataModule):
             chat_template_kwargs: Extra variables for the chat template, e.g. {enable_thinking: false} for SmolLM3.
             train_on: Tokens with a loss: assistant (every assistant turn), last_assistant, or all.
             max_length: Longest example in tokens (and the length of a packed row).
-            overlong: Longer examples are truncated, dropped, or split into max_length pieces.
+            overlong: Longer examples keep their first max_length tokens (truncate), lose their prompt's start
+                first so the answer fits (truncate_prompt), are dropped, or split into max_length pieces. An example
+                left with no trained token is dropped and counted.
             packing: Pack examples into padding-free rows of max_length tokens (best-fit decreasing).
             group_by_length: Without packing, batch examples of similar length to cut padding.
-            on_bad_row: A malformed row stops with an error naming it, or is skipped and counted.
+            on_bad_row: A malformed row (not a length problem) stops with an error naming it, or is skipped and
+                counted.
             streaming: Read and tokenize rows lazily while training, for data larger than memory. Needs
                 trainer.max_steps; validation comes only from validation_dataset; weights become sampling odds.
             batch_size: Examples per micro-batch (packed rows per micro-batch with packing).
@@ -120,10 +126,12 @@ class SFTDataModule(L.LightningDataModule):
             raise SmolFactoryError("set data.packing or data.group_by_length, not both: packed rows have no padding")
         self.save_hyperparameters()
         # Sources as plain dicts, so checkpoints (which keep these) load with torch.load(weights_only=True).
-        plain = [dataclasses.asdict(s) if isinstance(s, DatasetSource) else s for s in _listed(dataset)]
+        plain = [dataclasses.asdict(s) if isinstance(s, DatasetSource) else str(s) for s in _listed(dataset)]
         self.hparams.dataset = plain if isinstance(dataset, list) else plain[0]
         if isinstance(validation_dataset, DatasetSource):
             self.hparams.validation_dataset = dataclasses.asdict(validation_dataset)
+        elif validation_dataset is not None:
+            self.hparams.validation_dataset = str(validation_dataset)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | None = None
         self.val_data: datasets.Dataset | None = None
@@ -147,6 +155,17 @@ class SFTDataModule(L.LightningDataModule):
             prepared = getattr(self, "_prepared", None)
             self.train_data, self.val_data = prepared if prepared is not None else build(report=True)
             self._prepared = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The settings that decide which batches come in which order, kept in every checkpoint."""
+        return {"settings": dict(self.hparams)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume fit with other data settings: the batches would not continue where they stopped."""
+        saved = state_dict.get("settings")
+        if saved is None or self.trainer is None or self.trainer.state.fn != "fit":
+            return
+        check_same_settings(saved, dict(self.hparams), "data", RESUMABLE_CHANGES, self.trainer.ckpt_path)
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.streaming:
@@ -287,7 +306,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def _tokenize(self, source: DatasetSource, report: bool, streaming: bool = False) -> datasets.Dataset:
         """Read, render, tokenize and fit every row of one dataset; rows are numbered from 1, as in the file."""
-        rows = load_rows(source, streaming)
+        rows = load_rows(source, streaming, self.hparams.on_bad_row)
         # A streamed json file may not know its columns before it is read: the first row tells.
         column_names = rows.column_names or list(next(iter(rows)))
         columns = source.columns if source.columns is not None else self.hparams.columns or {}
@@ -316,22 +335,31 @@ class SFTDataModule(L.LightningDataModule):
         # datasets fingerprints the mapped function but not the code it calls: include our code and the
         # tokenizer (with its chat template) explicitly, so a change to masking never reuses stale labels.
         fingerprint = Hasher.hash((rows._fingerprint, self.pipeline_source, Hasher.hash(self.tokenizer), settings))
-        tokenized = rows.map(
-            function,
-            batched=True,
-            batch_size=256,
-            with_indices=True,
-            remove_columns=column_names,
-            new_fingerprint=fingerprint,
-            num_proc=self.hparams.num_proc,
-            desc=f"Tokenizing {source.path}",
-        )
+        try:
+            tokenized = rows.map(
+                function,
+                batched=True,
+                batch_size=256,
+                with_indices=True,
+                remove_columns=column_names,
+                new_fingerprint=fingerprint,
+                num_proc=self.hparams.num_proc,
+                desc=f"Tokenizing {source.path}",
+            )
+        except SmolFactoryError as error:  # a bad row: its one line, without the frames of datasets.map
+            raise SmolFactoryError(str(error)) from None
         kept = tokenized.filter(lambda n: n > 0, input_columns="num_trained", num_proc=self.hparams.num_proc)
         summary = summarize(tokenized, len(rows), len(kept))
         if report:
             self.summaries[f"{source.path}:{source.split}"] = summary
             rank_zero_info(summary_line(f"{source.path} [{source.split}]", summary, self.hparams.max_length))
         if len(kept) == 0:
+            if summary["dropped"]:
+                raise SmolFactoryError(
+                    f"dataset {source.path}: no row has a trained token within data.max_length="
+                    f"{self.hparams.max_length} ({summary['dropped']} of {summary['rows']} dropped); raise "
+                    "data.max_length, or set data.overlong: truncate_prompt to cut prompts from their start"
+                )
             raise SmolFactoryError(f"dataset {source.path} has no example with a trained token; check its rows")
         return kept.select_columns(self.example_columns)
 

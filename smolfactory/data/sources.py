@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import datasets
+from jsonargparse.typing import register_type
 
 from smolfactory.data.formats import Format
 from smolfactory.errors import SmolFactoryError, first_line
+from smolfactory.export import atomic_file
 from smolfactory.model.loading import BUILTIN_PREFIX
 
 # Built-in datasets: name -> {split: file inside smolfactory/data}
@@ -21,6 +25,29 @@ BUILTIN_DATASETS = {
     },
 }
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# The column of a row that stands for an unreadable line of a JSON Lines file (data.on_bad_row: skip).
+UNREADABLE = "_unreadable_line"
+
+
+class DatasetPath(str):
+    """A dataset named by one string: a local json/jsonl/parquet/csv file, a Hub id, or builtin:NAME.
+
+    Declared path-like (``__fspath__``) so that jsonargparse keeps a file's name as the value: for other types it
+    reads a value naming an existing file as that file's contents (a JSON array of rows became the data.dataset
+    list, a CSV's text the dataset name).
+    """
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+
+def _dataset_path(value: object) -> DatasetPath:
+    if not isinstance(value, str):  # a list or mapping is another member of the union (sources to mix)
+        raise ValueError(f"expected a dataset name, got {type(value).__name__}")
+    return DatasetPath(value)
+
+
+register_type(DatasetPath, serializer=str, deserializer=_dataset_path)
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,12 @@ class DatasetSource:
             raise SmolFactoryError(f"dataset {self.path}: give weight or num_samples, not both")
 
 
+# data.dataset and data.validation_dataset. DatasetPath in each union turns off jsonargparse's reading of a named
+# file as the value, for the list members too.
+Datasets = str | DatasetPath | DatasetSource | list[str | DatasetSource]
+ValidationDataset = str | DatasetPath | DatasetSource | None
+
+
 def builtin_split_path(name: str, split: str) -> Path:
     """The packaged file of a built-in dataset's split."""
     relative = BUILTIN_DATASETS[name].get(split)
@@ -59,22 +92,28 @@ def builtin_split_path(name: str, split: str) -> Path:
     return Path(str(files("smolfactory.data").joinpath(relative)))
 
 
-def load_rows(spec: DatasetSource, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
-    """Load one split of a dataset (lazily with ``streaming``), with a one-line error when that fails."""
+def load_rows(
+    spec: DatasetSource, streaming: bool = False, on_bad_row: str = "error"
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split of a dataset (lazily with ``streaming``), with a one-line error when that fails.
+
+    A JSON Lines file's unreadable lines (not UTF-8, not JSON) stop with the line's number, or with
+    ``on_bad_row: skip`` become rows whose ``UNREADABLE`` column says why, which ``tokenize_rows`` skips and counts.
+    """
     source, split = spec.path, spec.split
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
             known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
             raise SmolFactoryError(f"unknown built-in dataset '{source}'; known: {known}")
-        return _load_file(builtin_split_path(name, split), streaming)
+        return _load_file(builtin_split_path(name, split), streaming, on_bad_row)
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_LOADERS or path.exists():
         if not path.is_file():
             raise SmolFactoryError(
                 f"dataset file not found: {source} (cwd {Path.cwd()}); check data.dataset, or give a Hub id"
             )
-        return _load_file(path, streaming)
+        return _load_file(path, streaming, on_bad_row)
     try:
         return datasets.load_dataset(source, spec.name, split=split, revision=spec.revision, streaming=streaming)
     except Exception as error:  # datasets raises many types for a missing or unreachable dataset
@@ -84,13 +123,80 @@ def load_rows(spec: DatasetSource, streaming: bool = False) -> datasets.Dataset 
         ) from error
 
 
-def _load_file(path: Path, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+def _load_file(path: Path, streaming: bool, on_bad_row: str) -> datasets.Dataset | datasets.IterableDataset:
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise SmolFactoryError(f"dataset file {path} has an unknown type; use one of {', '.join(FILE_LOADERS)}")
     try:
-        return datasets.load_dataset(loader, data_files=str(path), split="train", streaming=streaming)
+        rows = datasets.load_dataset(loader, data_files=str(path), split="train", streaming=streaming)
+        if loader == "json" and not streaming:
+            rows.data.validate(full=True)  # pyarrow's reader keeps bytes that are not UTF-8; reading them fails
+        return rows
     except Exception as error:
-        raise SmolFactoryError(
-            f"could not read dataset file {path} ({first_line(error)}); check that it is valid {loader}"
-        ) from error
+        bad = unreadable_lines(path) if loader == "json" else []
+        if not bad:
+            raise SmolFactoryError(
+                f"could not read dataset file {path} ({first_line(error.__cause__ or error)}); check that it is "
+                f"valid {loader}"
+            ) from error
+        number, problem = bad[0]
+        if _is_json_array(path):  # one document: a syntax error cannot be skipped
+            raise SmolFactoryError(f"{path}, line {number}: {problem}; fix the file") from error
+        if on_bad_row == "error":
+            raise SmolFactoryError(
+                f"{path}, line {number}: {problem}; fix or remove the line, or set data.on_bad_row: skip"
+            ) from error
+    return datasets.load_dataset("json", data_files=str(_readable_copy(path, bad)), split="train", streaming=streaming)
+
+
+def unreadable_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, problem) of each line of a JSON Lines file that is not a JSON object in UTF-8, or the first
+    problem of a JSON file."""
+    data = path.read_bytes()
+    if _is_json_array(path):
+        try:
+            json.loads(data)
+        except UnicodeDecodeError as error:
+            return [(data[: error.start].count(b"\n") + 1, f"byte {data[error.start]:#04x} is not UTF-8")]
+        except json.JSONDecodeError as error:
+            return [(error.lineno, f"not valid JSON at column {error.colno} ({error.msg})")]
+        return []
+    bad = []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if line.strip() and (problem := _line_problem(line)):
+            bad.append((number, problem))
+    return bad
+
+
+def _line_problem(line: bytes) -> str | None:
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return f"byte {line[error.start]:#04x} at column {error.start + 1} is not UTF-8"
+    except json.JSONDecodeError as error:
+        return f"not valid JSON at column {error.colno} ({error.msg})"
+    return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(4096).lstrip()[:1] == b"["
+
+
+def _readable_copy(path: Path, bad: list[tuple[int, str]]) -> Path:
+    """The file with each bad line replaced by a row that says what was wrong (so rows keep their line numbers),
+    in the datasets cache, named by the file's contents."""
+    data = path.read_bytes()
+    copy = (
+        Path(datasets.config.HF_DATASETS_CACHE)
+        / "smolfactory-readable"
+        / (f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.jsonl")
+    )
+    if not copy.is_file():
+        problems = dict(bad)
+        lines = data.split(b"\n")
+        for number, problem in problems.items():
+            lines[number - 1] = json.dumps({UNREADABLE: problem}).encode()
+        with atomic_file(copy) as staging:
+            staging.write_bytes(b"\n".join(lines))
+    return copy

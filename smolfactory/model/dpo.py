@@ -99,7 +99,8 @@ class DPOModule(CausalLMModule):
         self.reference_model: torch.nn.Module | None = None
         self._precomputing = False
         self.train_metrics, self.val_metrics, self.test_metrics = (PreferenceMetrics() for _ in range(3))
-        # The reference model (full fine-tuning) is rebuilt, never saved: its keys are expected to be missing.
+        # The reference model is rebuilt, never saved (on_save_checkpoint), so its keys are missing when a
+        # checkpoint loads; on_load_checkpoint checks that nothing else is.
         self.strict_loading = False
 
     def configure_model(self) -> None:
@@ -110,6 +111,7 @@ class DPOModule(CausalLMModule):
         if self.lora is not None and adapter_base_model(path) is not None:
             # Training continues an adapter: the reference is that adapter as loaded, kept frozen beside it.
             self.model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            self.model.train()  # peft switched the whole model to eval mode (dropout off) for the frozen adapter
         elif self.lora is None and not self.hparams.precompute_ref_log_probs:
             if self.device_mesh is not None:
                 raise SmolFactoryError(
@@ -235,6 +237,9 @@ class DPOModule(CausalLMModule):
             )
         finally:
             self._precomputing = False
+
+    def checkpoint_state_names(self) -> set[str]:
+        return {name for name in super().checkpoint_state_names() if not name.startswith("reference_model.")}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

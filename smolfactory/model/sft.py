@@ -9,9 +9,12 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
+from smolfactory.checkpoints import check_same_settings
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.kernels import apply_liger_kernels
 from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
@@ -24,6 +27,8 @@ from smolfactory.model.sharding import is_sharded, shard_decoder_layers, unwrapp
 # Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
 # Granite); the label-only loss calls the LM head directly and would skip that step.
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Settings a resumed run may change: they change speed or memory, or what predict generates, not what trains.
+RESUMABLE_CHANGES = {"max_new_tokens", "gradient_checkpointing", "compile", "liger", "attn_implementation"}
 
 
 class CausalLMModule(L.LightningModule):
@@ -89,8 +94,9 @@ class CausalLMModule(L.LightningModule):
         self.model: PreTrainedModel | PeftModel | None = None
         # Token-weighted epoch metrics (torchmetrics: synchronised across devices when computed).
         self.train_metrics, self.val_metrics, self.test_metrics = (LanguageModelMetrics() for _ in range(3))
-        # LoRA checkpoints hold only the trainable weights (see on_save_checkpoint); the frozen base is
-        # rebuilt by configure_model, so its keys are expected to be missing when a checkpoint loads.
+        # LoRA checkpoints hold only the trainable weights (see on_save_checkpoint); the frozen base is rebuilt
+        # by configure_model. on_load_checkpoint checks that a checkpoint holds exactly the trainable weights, so
+        # loading without strictness skips the frozen base and nothing else.
         self.strict_loading = self.lora is None
 
     def configure_model(self) -> None:
@@ -291,7 +297,7 @@ class CausalLMModule(L.LightningModule):
         # The frozen base is rebuilt from model_name: keep only what trains. Not in a sharded checkpoint
         # (FSDP's default), whose loader reads back every weight the model has; each rank holds its shard.
         if self.lora is not None and not is_sharded(checkpoint["state_dict"]):
-            trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+            trainable = self.checkpoint_state_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # Dropout draws from these generators: a resumed run continues their streams exactly. (Plain
         # tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).)
@@ -301,9 +307,47 @@ class CausalLMModule(L.LightningModule):
             "python": random.getstate(),
         }
 
+    def checkpoint_state_names(self) -> set[str]:
+        """The state-dict names a (not sharded) checkpoint of this module holds: the trainable weights under LoRA,
+        every weight otherwise."""
+        if self.lora is not None:
+            return {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        return {unwrapped_name(name) for name in self.state_dict(keep_vars=True)}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another run: other training settings (when resuming fit), or other weights."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            saved = checkpoint.get("hyper_parameters") or {}
+            check_same_settings(saved, dict(self.hparams), "model", RESUMABLE_CHANGES, self.trainer.ckpt_path)
+        state = checkpoint.get("state_dict")
+        sharding = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+        if state is not None and not sharding and not is_sharded(state):
+            self._check_checkpoint_weights(state)
         # Restored just before the next training batch, after Lightning has set up the loops and loaders.
         self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def _check_checkpoint_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """One line, not a state-dict traceback or a silent fresh start, when a checkpoint's weights are not
+        exactly what this module trains (another LoRA rank or target, another model)."""
+        expected, own = self.checkpoint_state_names(), self.state_dict(keep_vars=True)
+        problems = []
+        missing, unused = expected - state.keys(), state.keys() - expected
+        for kind, names in (("missing from it", missing), ("not in this model", unused)):
+            if names:
+                problems.append(f"{len(names)} weights {kind} (such as {min(names)})")
+        resized = sorted(name for name in expected & state.keys() if own[name].shape != state[name].shape)
+        if resized:
+            name = resized[0]
+            problems.append(
+                f"{len(resized)} weights of another shape (such as {name}: {list(state[name].shape)} there, "
+                f"{list(own[name].shape)} here)"
+            )
+        if problems:
+            source = f"--ckpt_path {self.trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+            raise SmolFactoryError(
+                f"{source} does not fit this model: {'; '.join(problems)}. It was saved with other model.lora or "
+                "model.model_name settings: use the settings it was saved with, or another checkpoint"
+            )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
@@ -328,12 +372,37 @@ class CausalLMModule(L.LightningModule):
 
             optimizer = AdamW8bit(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
         else:
-            fused = fused_adamw_applies(decay + no_decay)
+            # A loss scaler (16-mixed) must unscale before clipping, which the fused kernel does only inside step().
+            scaled = isinstance(self.trainer.precision_plugin, MixedPrecision) and self.trainer.precision_plugin.scaler
+            fused = None if scaled else fused_adamw_applies(decay + no_decay)
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas, fused=fused)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, self.hparams.warmup_steps, self._total_steps(), min_lr_rate=self.hparams.min_lr_ratio
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """Clip under every precision and strategy, where Lightning's default refuses two cases.
+
+        Under bf16-mixed Lightning refuses any optimizer that unscales gradients itself (torch's fused AdamW),
+        though bf16 has no loss scaler to undo; and FSDPStrategy cannot clip by norm through the precision
+        plugin, only through the root FSDP module, which alone sees every shard.
+        """
+        if not gradient_clip_val:
+            return
+        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if isinstance(strategy, FSDPStrategy) and by_norm:
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif isinstance(precision, MixedPrecision) and precision.scaler is None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            clip = torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
+            clip(parameters, gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _total_steps(self) -> int:
         if self.trainer.max_steps > 0:
