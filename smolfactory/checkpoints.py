@@ -25,7 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     a crash at any moment leaves the previous file whole, and a failed write ends the run with one line."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's transactions
+        if storage_options is not None or is_remote(path):  # remote storage: fsspec's transactions
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         try:
@@ -33,6 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
         except OSError as error:
             raise SmolFactoryError(
                 f"could not write checkpoint {path.name} in {path.parent} ({error.strerror or error}); training "
@@ -41,11 +43,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` is a URL (s3://, gs://, ...) that fsspec writes, rather than a local path."""
+    return "://" in str(path)
+
+
 def is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole checkpoint: a zip archive with its central directory (what ``torch.save``
-    writes last), or a sharded folder with its ``.metadata`` (what distributed checkpointing writes last)."""
+    writes last), or a sharded folder with the shards' ``.metadata`` and Lightning's ``meta.pt`` (written last)."""
     if path.is_dir():
-        return (path / ".metadata").is_file()
+        return (path / ".metadata").is_file() and is_complete(path / "meta.pt")
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.namelist())
@@ -55,7 +62,7 @@ def is_complete(path: Path) -> bool:
 
 def check_checkpoint(path: str | Path) -> Path:
     """The checkpoint file or sharded folder ``path``, or a one-line error saying why it cannot be resumed from."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise SmolFactoryError(f"--ckpt_path {path}: no such checkpoint; give a .ckpt file, or --ckpt_path last")
     if not is_complete(path):
@@ -68,8 +75,13 @@ def check_checkpoint(path: str | Path) -> Path:
 
 def newest_checkpoint(folders: list[Path]) -> Path | None:
     """The most recently written complete checkpoint (``*.ckpt``: last, periodic or interrupt) in ``folders``."""
-    found = {path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")}
-    for path in sorted(found, key=lambda path: path.stat().st_mtime, reverse=True):
+    written = {}
+    for path in {path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")}:
+        try:
+            written[path] = (path / "meta.pt" if path.is_dir() else path).stat().st_mtime_ns
+        except OSError:  # a link to a file that is gone
+            continue
+    for path in sorted(written, key=written.get, reverse=True):
         if is_complete(path):
             return path
     return None
@@ -78,8 +90,8 @@ def newest_checkpoint(folders: list[Path]) -> Path | None:
 def check_same_settings(
     saved: dict[str, Any], current: dict[str, Any], prefix: str, resumable: set[str], ckpt_path: str | Path | None
 ) -> None:
-    """One line naming every setting under ``prefix`` (model, data) in which a resumed run differs from the run
-    that saved ``ckpt_path``; the settings in ``resumable`` may differ."""
+    """One line naming every setting under ``prefix`` (model, data, trainer) in which a resumed run differs from
+    the run that saved ``ckpt_path``; the settings in ``resumable`` may differ."""
     differences = setting_differences(saved, current, prefix, resumable)
     if differences:
         raise SmolFactoryError(
@@ -89,28 +101,34 @@ def check_same_settings(
 
 
 def setting_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str, ignore: set[str]) -> list[str]:
-    """``prefix.key: saved -> current`` for every setting (nested dicts flattened) that differs, ``ignore`` aside."""
-    saved, current = _flat(saved), _flat(current)
+    """``prefix.key is A there and B here`` for every setting that differs, nested settings by their own keys.
+
+    A setting the checkpoint does not have (one added to smolfactory since) is not a difference; one this run
+    does not have is (the checkpoint came from another recipe). Empty lists and mappings equal null.
+    """
     differences = []
     for key in sorted(saved.keys() | current.keys()):
-        if key.startswith("_") or key.split(".")[0] in ignore:
+        if key.startswith("_") or key in ignore or key not in saved:
             continue
-        before, after = saved.get(key, "unset"), current.get(key, "unset")
-        if _plain(before) != _plain(after):
-            differences.append(f"{prefix}.{key} is {before!r} there and {after!r} here")
+        before, after = _plain(saved[key]), _plain(current.get(key, MISSING))
+        if isinstance(before, dict) and isinstance(after, dict):
+            differences += setting_differences(before, after, f"{prefix}.{key}", set())
+        elif before != after:
+            differences.append(f"{prefix}.{key} is {_shown(before)} there and {_shown(after)} here")
     return differences
 
 
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+MISSING = object()
 
 
 def _plain(value: Any) -> Any:
-    """Tuples and lists compare equal (a checkpoint's YAML-born lists against a signature's tuples)."""
-    return list(value) if isinstance(value, tuple | list) else value
+    """Settings as the YAML gives them: tuples as lists, empty containers as null."""
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value] or None
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()} or None
+    return value
+
+
+def _shown(value: Any) -> str:
+    return "not a setting" if value is MISSING else repr(value)

@@ -10,7 +10,6 @@ smolfactory plot outputs/quickstart
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from typing import Any
@@ -25,12 +24,11 @@ from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.callbacks.throughput import TokenThroughput
-from smolfactory.checkpoints import check_checkpoint
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.sft import CausalLMModule
-from smolfactory.run_folder import add_run_defaults, check_writable, last_checkpoint, run_folder, start_run_folder
+from smolfactory.run_folder import add_run_defaults, prepare_run
 
 # Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -82,24 +80,17 @@ class SmolFactoryCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
-        # LightningCLI then replaces the model's settings with those saved in a --ckpt_path file (and the linked
-        # tokenizer with them); before_instantiate_classes puts back what the user gave, and the module refuses a
-        # checkpoint saved with other settings instead of silently training with them.
-        self.given = {key: copy.deepcopy(config[key]) for key in ("model", "data")}
-        ckpt_path = config.get("ckpt_path")  # preview has none
-        if subcommand == "fit":
-            check_writable(run_folder(config.trainer))
-        if subcommand == "fit" and ckpt_path is None:
-            start_run_folder(config)
-        elif ckpt_path == "last":
-            config.ckpt_path = str(last_checkpoint(config))
-        elif ckpt_path is not None and ckpt_path not in ("best", "hpc", "registry"):
-            config.ckpt_path = str(check_checkpoint(ckpt_path))
+        ckpt_path = prepare_run(subcommand, config)
+        if "ckpt_path" in config:  # (preview has none)
+            # LightningCLI next replaces the model's settings with those saved in a --ckpt_path file; held back
+            # until the classes are built, the path cannot override the command line. The module refuses a
+            # checkpoint saved with other settings instead (on_load_checkpoint).
+            self.ckpt_path, config.ckpt_path = ckpt_path, None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        for key, given in getattr(self, "given", {}).items():
-            config[key] = given
+        if "ckpt_path" in config:
+            config.ckpt_path = self.ckpt_path
         add_run_defaults(config.trainer)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

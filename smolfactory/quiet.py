@@ -34,4 +34,4 @@ logging.getLogger("datasets.packaged_modules.json.json").addFilter(DropMessages(
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                         module=r"transformers\.modeling_utils")  # fmt: skip
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
-                        module=r"lightning\.pytorch\.utilities\._pytree")  # fmt: skip
+                        module=r"lightning\.pytorch\.utilities")  # fmt: skip

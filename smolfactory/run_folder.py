@@ -16,16 +16,36 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from smolfactory.callbacks.progress import step_progress_bar_class
-from smolfactory.checkpoints import AtomicCheckpointIO, newest_checkpoint
+from smolfactory.checkpoints import AtomicCheckpointIO, check_checkpoint, is_remote, newest_checkpoint
 from smolfactory.errors import SmolFactoryError
+
+
+def prepare_run(subcommand: str, config: Namespace) -> str | None:
+    """Check the run folder and resolve ``--ckpt_path`` before anything loads; returns the checkpoint to load.
+
+    A fit without a checkpoint of this run starts a new run: its folder must not hold another one. A remote
+    run folder (s3://, ...) is left to Lightning and fsspec.
+    """
+    trainer, ckpt_path = config.trainer, config.get("ckpt_path")
+    if is_remote(trainer.default_root_dir or ""):
+        return ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(last_checkpoint(trainer))
+    elif ckpt_path is not None and ckpt_path not in ("best", "hpc") and not ckpt_path.startswith("registry"):
+        ckpt_path = ckpt_path if is_remote(ckpt_path) else str(check_checkpoint(ckpt_path))
+    if subcommand == "fit":
+        check_writable(run_folder(trainer))
+        if ckpt_path is None or not any(_inside(ckpt_path, folder) for folder in checkpoint_folders(trainer)):
+            start_run_folder(config)
+    return ckpt_path
 
 
 def run_folder(trainer: Namespace) -> Path:
     """The run's folder: trainer.default_root_dir (Lightning's default: the working directory)."""
-    return Path(trainer.default_root_dir or os.getcwd())
+    return Path(trainer.default_root_dir or os.getcwd()).expanduser()
 
 
 def checkpoint_folders(trainer: Namespace) -> list[Path]:
@@ -33,7 +53,7 @@ def checkpoint_folders(trainer: Namespace) -> list[Path]:
     folders = [run_folder(trainer) / "checkpoints"]
     for callback in trainer.callbacks or []:
         if _is_subclass(callback, ModelCheckpoint) and callback.init_args.get("dirpath"):
-            folders.append(Path(callback.init_args.dirpath))
+            folders.append(Path(callback.init_args.dirpath).expanduser())
     return list(dict.fromkeys(folders))
 
 
@@ -46,18 +66,19 @@ def add_run_defaults(trainer: Namespace) -> None:
     without dirpath would write under the logger's versioned folder, where `--ckpt_path last` of the next run
     would not look.
     """
-    root = run_folder(trainer)
+    root = trainer.default_root_dir or os.getcwd()
+    root = root.rstrip("/") if is_remote(root) else str(Path(root).expanduser())
     if trainer.logger in (None, True):
         trainer.logger = Namespace(
-            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(root), name="logs")
+            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="logs")
         )
     callbacks = trainer.callbacks or []
     checkpointing = [callback for callback in callbacks if _is_subclass(callback, ModelCheckpoint)]
     for callback in checkpointing:
         if not callback.init_args.get("dirpath"):
-            callback.init_args.dirpath = str(root / "checkpoints")
+            callback.init_args.dirpath = f"{root}/checkpoints"
     if not checkpointing and trainer.enable_checkpointing is not False:  # Lightning's default one, placed here
-        init_args = Namespace(dirpath=str(root / "checkpoints"), save_last=True, save_top_k=0)
+        init_args = Namespace(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0)
         trainer.callbacks = [*callbacks, Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                                                    init_args=init_args)]  # fmt: skip
     progress_bars = [callback for callback in trainer.callbacks or [] if _is_subclass(callback, ProgressBar)]
@@ -65,7 +86,9 @@ def add_run_defaults(trainer: Namespace) -> None:
         bar = step_progress_bar_class()
         trainer.callbacks = [*(trainer.callbacks or []), Namespace(class_path=f"{bar.__module__}.{bar.__name__}")]
     plugins = trainer.plugins if isinstance(trainer.plugins, list) else [p for p in [trainer.plugins] if p]
-    if not any(_is_subclass(plugin, CheckpointIO) for plugin in plugins):
+    strategy = trainer.strategy
+    own_io = isinstance(strategy, Namespace) and (strategy.get("init_args") or {}).get("checkpoint_io") is not None
+    if not own_io and not any(_is_subclass(plugin, CheckpointIO) for plugin in plugins):
         checkpoint_io = Namespace(class_path=f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO")
         trainer.plugins = [*plugins, checkpoint_io]
 
@@ -89,25 +112,27 @@ def start_run_folder(config: Namespace) -> None:
     root = run_folder(config.trainer)
     final = root / config.export.dirname
     checkpoints = sorted(p for folder in checkpoint_folders(config.trainer) for p in folder.glob("*.ckpt"))
-    if not (checkpoints or final.exists()):
-        return
+    if not (checkpoints or final.exists()) or list(root.glob("hpc_ckpt_*.ckpt")):
+        return  # (a SLURM job requeued by Lightning: it resumes its hpc_ckpt itself)
     held = ", ".join(str(path) for path in ([final] if final.exists() else []) + checkpoints[:3])
     if not config.overwrite:
         raise SmolFactoryError(
             f"{root} holds another run ({held}); continue it with --ckpt_path last, start this run in another "
             "--trainer.default_root_dir, or pass --overwrite true to replace it"
         )
+    if rank_zero_only.rank != 0:  # every process of a distributed run parses the command; one deletes
+        return
     for path in checkpoints:
         if path.is_dir():  # a sharded checkpoint
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink()
+            path.unlink(missing_ok=True)
     rank_zero_info(f"--overwrite: deleted {len(checkpoints)} checkpoints of the previous run in {root}")
 
 
-def last_checkpoint(config: Namespace) -> Path:
+def last_checkpoint(trainer: Namespace) -> Path:
     """The newest complete checkpoint of the run (last, periodic or interrupt), or a one-line error."""
-    folders = checkpoint_folders(config.trainer)
+    folders = checkpoint_folders(trainer)
     found = newest_checkpoint(folders)
     if found is None:
         names = " or ".join(str(folder) for folder in folders)
@@ -117,6 +142,10 @@ def last_checkpoint(config: Namespace) -> Path:
         )
     rank_zero_info(f"--ckpt_path last: resuming from {found}")
     return found
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
 
 
 def _is_subclass(spec: Any, base: type) -> bool:

@@ -57,6 +57,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_model_dir, tokenizer) -> str:
+    """A LoRA adapter folder (r=16 on every linear layer, as the quickstart trains) on the tiny model."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("tiny-adapter")
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -100,7 +112,7 @@ def smolfactory(capfd: pytest.CaptureFixture, *args: object) -> Run:
         main([str(arg) for arg in args])
         code = 0
     except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
+        code = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
     finally:
         for logger in loggers:
             logger.removeHandler(log)
@@ -120,12 +132,13 @@ def stand_in_config(folder: Path, model_dir: str, **sections: dict) -> str:
 
 
 class SignalAt(L.Callback):
-    """Sends this process SIGTERM after optimizer step ``step`` (as a job scheduler would), for CLI tests:
-    `--trainer.callbacks+={"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2}}`."""
+    """Sends this process a signal (SIGTERM, as a job scheduler would, or SIGINT: Ctrl-C) after optimizer step
+    ``step``, for CLI tests: `--trainer.callbacks+={"class_path": "tests.conftest.SignalAt", ...}`."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum, self.sent = step, signum, False
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
 from smolfactory.callbacks import SaveOnInterrupt
 from smolfactory.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import chat, write_jsonl
+from tests.conftest import chat, smolfactory, write_jsonl
 from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
 from tests.test_model import quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -76,6 +77,8 @@ def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_as_the_new
     assert torch.load(last, weights_only=True)["global_step"] == 1
     assert newest_checkpoint([last.parent]) == last  # the half-written file beside it is no candidate
     assert len(list(last.parent.iterdir())) == 2
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, last)  # the next save clears it away
+    assert list(last.parent.iterdir()) == [last]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
@@ -112,8 +115,7 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, signum):
+def test_sigterm_from_outside_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, capfd):
     overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
     command = [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, "--config", overrides]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -124,24 +126,31 @@ def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, tiny_model_dir, sign
     while not any("Total params" in line for line in lines) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # a few training steps
-    process.send_signal(signum)
+    process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
     reader.join(timeout=10)
     output = "".join(lines)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert f"saved {last}. Resume with the same command plus --ckpt_path last" in output
     step = torch.load(last, weights_only=False)["global_step"]
-    cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    assert step > 0 and f"{cause} at step {step}:" in output and "Traceback" not in output
-    if signum == signal.SIGINT:
-        return  # the same handler as SIGTERM: resuming after Ctrl-C is checked exactly, in-process, below
-    resumed = subprocess.run(
-        [*command, f"--trainer.max_steps={step + 2}", "--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr
-    assert f"`max_steps={step + 2}` reached" in resumed.stderr
-    assert "dataloader is not resumable" not in resumed.stderr
+    assert step > 0 and f"SIGTERM at step {step}:" in output and "Traceback" not in output
+    resumed = smolfactory(capfd, *command[3:], f"--trainer.max_steps={step + 2}", "--ckpt_path=last")
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.out
+    assert f"`max_steps={step + 2}` reached" in resumed.out
+    assert "dataloader is not resumable" not in resumed.out + resumed.err
+
+
+def test_ctrl_c_on_the_command_line_saves_and_says_how_to_resume(tmp_path, tiny_model_dir, capfd):
+    """The same handler as SIGTERM; resuming after Ctrl-C is checked exactly, in-process, below."""
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
+    ctrl_c = {"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2, "signum": int(signal.SIGINT)}}
+    result = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides,
+                         f"--trainer.callbacks+={json.dumps(ctrl_c)}")  # fmt: skip
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert result.code == 0 and "Traceback" not in result.err
+    assert f"Ctrl-C at step 2: saved {last}. Resume with the same command plus --ckpt_path last" in result.out
+    assert torch.load(last, weights_only=True)["global_step"] == 2
 
 
 class StepLosses(L.Callback):

@@ -27,26 +27,26 @@ def test_the_promised_recipes_exist():
     assert expected <= names
 
 
-def stand_in(config: Path, raw: dict, model_dir: str, folder: Path) -> dict:
+def stand_in(raw: dict, model_dir: str, adapter_dir: str, folder: Path) -> dict:
     """The settings this machine has to replace, and nothing else."""
     model = raw["model"].get("init_args", raw["model"])
     data = raw["data"].get("init_args", raw["data"])
+    hub_id = model["model_name"].count("/") == 1  # else the quickstart's adapter folder, outputs/quickstart/final
     replaced = {
         "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "max_steps": 1},
-        "model": {"model_name": model_dir},
+        "model": {"model_name": model_dir if hub_id else adapter_dir},
     }
     if not str(data["dataset"]).startswith("builtin:"):  # a Hub dataset of conversations (messages layout)
         rows = [chat(f"Question {i}?", "An answer. " * (1 + i % 4)) for i in range(24)]
         replaced["data"] = {"dataset": str(write_jsonl(folder / "conversations.jsonl", rows))}
-    assert model["model_name"] != model_dir
     return replaced
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
-def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, tmp_path):
+def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, tiny_adapter_dir, tmp_path):
     raw = yaml.safe_load(config.read_text())
     settings = tmp_path / "stand-in.yaml"
-    settings.write_text(yaml.safe_dump(stand_in(config, raw, tiny_model_dir, tmp_path)))
+    settings.write_text(yaml.safe_dump(stand_in(raw, tiny_model_dir, tiny_adapter_dir, tmp_path)))
     root = tmp_path / "run"
     cli = SmolFactoryCLI(args=["fit", "--config", str(config), "--config", str(settings),
                                f"--trainer.default_root_dir={root}"])  # fmt: skip
@@ -68,6 +68,8 @@ def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, t
     else:
         assert trainable and all("lora_" in name for name in trainable)
         assert module.model.peft_config["default"].r == lora["r"]
+        # DPO continuing the quickstart's adapter keeps that adapter, frozen, as its reference.
+        assert ("reference" in module.model.peft_config) == (config.stem == "dpo_quickstart")
         assert (root / "final" / "adapter_model.safetensors").is_file()
     quantized = any(isinstance(m, Linear4bit) for m in module.modules())
     assert quantized == (model_settings.get("quantization") == "nf4")

@@ -33,12 +33,15 @@ class HFExport(L.Callback):
         if stage == "fit" and self.push_to_hub:
             require_token("export.push_to_hub")
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step: int | None = None  # set when training starts (after a checkpoint is restored)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.default_root_dir) / self.dirname
-        if trainer.global_step == getattr(self, "_start_step", trainer.global_step):
+        if self._start_step in (None, trainer.global_step):
             # Nothing trained (max_steps 0, or a resume that had already reached its end): keep what is there.
             rank_zero_info(
                 f"This fit trained no step (it ended at step {trainer.global_step}), so {folder} was not written; "

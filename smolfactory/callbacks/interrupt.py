@@ -86,7 +86,16 @@ class SaveOnInterrupt(L.Callback):
         checkpoint = trainer.checkpoint_callback
         folder = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath else None
         path = Path(folder or Path(trainer.default_root_dir) / "checkpoints") / self.filename
+        before = written_at(path)
         trainer.save_checkpoint(path)
-        if trainer.is_global_zero and not path.exists():  # a writer that failed without raising
+        if trainer.is_global_zero and written_at(path) in (None, before):  # a writer that failed without raising
             raise SmolFactoryError(f"the checkpoint {path} was not written; training stopped without saving it")
         return path
+
+
+def written_at(path: Path) -> int | None:
+    """When ``path`` (a file, or a sharded checkpoint's folder) was last written, or None if it is not there."""
+    try:
+        return (path / "meta.pt" if path.is_dir() else path).stat().st_mtime_ns
+    except OSError:
+        return None

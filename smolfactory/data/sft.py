@@ -158,14 +158,22 @@ class SFTDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The settings that decide which batches come in which order, kept in every checkpoint."""
-        return {"settings": dict(self.hparams)}
+        return {"settings": dict(self.hparams), "steps": self._step_shape()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume fit with other data settings: the batches would not continue where they stopped."""
+        """Refuse to resume fit with other data settings, or other devices or accumulation: the batches would not
+        continue where they stopped."""
         saved = state_dict.get("settings")
         if saved is None or self.trainer is None or self.trainer.state.fn != "fit":
             return
         check_same_settings(saved, dict(self.hparams), "data", RESUMABLE_CHANGES, self.trainer.ckpt_path)
+        check_same_settings(state_dict["steps"], self._step_shape(), "trainer", set(), self.trainer.ckpt_path)
+
+    def _step_shape(self) -> dict[str, int]:
+        """How the examples of an optimizer step are shared out: processes, and micro-batches per process."""
+        if self.trainer is None:
+            return {}
+        return {"world_size": self.trainer.world_size, "accumulate_grad_batches": self.trainer.accumulate_grad_batches}
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.streaming:

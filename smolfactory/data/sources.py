@@ -146,7 +146,13 @@ def _load_file(path: Path, streaming: bool, on_bad_row: str) -> datasets.Dataset
             raise SmolFactoryError(
                 f"{path}, line {number}: {problem}; fix or remove the line, or set data.on_bad_row: skip"
             ) from error
-    return datasets.load_dataset("json", data_files=str(_readable_copy(path, bad)), split="train", streaming=streaming)
+    readable = _readable_copy(path, bad)
+    try:
+        return datasets.load_dataset("json", data_files=str(readable), split="train", streaming=streaming)
+    except Exception as error:  # the readable lines themselves do not form one table (mixed types, say)
+        raise SmolFactoryError(
+            f"could not read dataset file {path} ({first_line(error.__cause__ or error)})"
+        ) from error
 
 
 def unreadable_lines(path: Path) -> list[tuple[int, str]]:

@@ -108,7 +108,7 @@ class CausalLMModule(L.LightningModule):
 
     def _build_model(self) -> PreTrainedModel | PeftModel:
         """The model as configured: pretrained weights, adapters as asked, in training mode."""
-        hparams, trainer = self.hparams, self._trainer
+        hparams, trainer = self.hparams, self.attached_trainer
         precision = trainer.precision if trainer is not None else None
         check_combination(
             precision=precision,
@@ -307,6 +307,14 @@ class CausalLMModule(L.LightningModule):
             "python": random.getstate(),
         }
 
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer, or None outside one (``load_from_checkpoint`` also calls ``on_load_checkpoint``)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def checkpoint_state_names(self) -> set[str]:
         """The state-dict names a (not sharded) checkpoint of this module holds: the trainable weights under LoRA,
         every weight otherwise."""
@@ -316,11 +324,13 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another run: other training settings (when resuming fit), or other weights."""
-        if self._trainer is not None and self.trainer.state.fn == "fit":
+        trainer = self.attached_trainer
+        if trainer is not None and trainer.state.fn == "fit":
             saved = checkpoint.get("hyper_parameters") or {}
-            check_same_settings(saved, dict(self.hparams), "model", RESUMABLE_CHANGES, self.trainer.ckpt_path)
+            check_same_settings(saved, dict(self.hparams), "model", RESUMABLE_CHANGES, trainer.ckpt_path)
         state = checkpoint.get("state_dict")
-        sharding = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy)
+        # A sharded checkpoint is read back into every weight by the strategy's own loader, which checks names.
+        sharding = trainer is not None and isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy)
         if state is not None and not sharding and not is_sharded(state):
             self._check_checkpoint_weights(state)
         # Restored just before the next training batch, after Lightning has set up the loops and loaders.
@@ -343,7 +353,8 @@ class CausalLMModule(L.LightningModule):
                 f"{list(own[name].shape)} here)"
             )
         if problems:
-            source = f"--ckpt_path {self.trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+            trainer = self.attached_trainer
+            source = f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "the checkpoint"
             raise SmolFactoryError(
                 f"{source} does not fit this model: {'; '.join(problems)}. It was saved with other model.lora or "
                 "model.model_name settings: use the settings it was saved with, or another checkpoint"
@@ -373,7 +384,7 @@ class CausalLMModule(L.LightningModule):
             optimizer = AdamW8bit(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
         else:
             # A loss scaler (16-mixed) must unscale before clipping, which the fused kernel does only inside step().
-            scaled = isinstance(self.trainer.precision_plugin, MixedPrecision) and self.trainer.precision_plugin.scaler
+            scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
             fused = None if scaled else fused_adamw_applies(decay + no_decay)
             optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas, fused=fused)
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
