@@ -75,16 +75,20 @@ def check_checkpoint(path: str | Path) -> Path:
 
 def newest_checkpoint(folders: list[Path]) -> Path | None:
     """The most recently written complete checkpoint (``*.ckpt``: last, periodic or interrupt) in ``folders``."""
-    written = {}
-    for path in {path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")}:
-        try:
-            written[path] = (path / "meta.pt" if path.is_dir() else path).stat().st_mtime_ns
-        except OSError:  # a link to a file that is gone
-            continue
+    found = {path: written_at(path) for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")}
+    written = {path: time for path, time in found.items() if time is not None}  # not a link to a file that is gone
     for path in sorted(written, key=written.get, reverse=True):
         if is_complete(path):
             return path
     return None
+
+
+def written_at(path: Path) -> int | None:
+    """When a checkpoint (a file, or a sharded folder's ``meta.pt``) was last written, or None if it is not there."""
+    try:
+        return (path / "meta.pt" if path.is_dir() else path).stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def check_same_settings(

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from smolfactory.checkpoints import written_at
 from smolfactory.errors import SmolFactoryError
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -91,11 +92,3 @@ class SaveOnInterrupt(L.Callback):
         if trainer.is_global_zero and written_at(path) in (None, before):  # a writer that failed without raising
             raise SmolFactoryError(f"the checkpoint {path} was not written; training stopped without saving it")
         return path
-
-
-def written_at(path: Path) -> int | None:
-    """When ``path`` (a file, or a sharded checkpoint's folder) was last written, or None if it is not there."""
-    try:
-        return (path / "meta.pt" if path.is_dir() else path).stat().st_mtime_ns
-    except OSError:
-        return None
