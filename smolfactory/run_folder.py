@@ -77,8 +77,11 @@ def add_run_defaults(trainer: Namespace) -> None:
     for callback in checkpointing:
         if not callback.init_args.get("dirpath"):
             callback.init_args.dirpath = f"{root}/checkpoints"
+        # The folder holds one run (prepare_run): its last.ckpt is replaced, never versioned as last-v1.ckpt beside
+        # a last.ckpt that the interrupt handler wrote.
+        callback.init_args.enable_version_counter = False
     if not checkpointing and trainer.enable_checkpointing is not False:  # Lightning's default one, placed here
-        init_args = Namespace(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0)
+        init_args = Namespace(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0, enable_version_counter=False)
         trainer.callbacks = [*callbacks, Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                                                    init_args=init_args)]  # fmt: skip
     progress_bars = [callback for callback in trainer.callbacks or [] if _is_subclass(callback, ProgressBar)]

@@ -134,11 +134,14 @@ def test_sigterm_from_outside_saves_a_checkpoint_that_resumes(tmp_path, tiny_mod
     assert f"saved {last}. Resume with the same command plus --ckpt_path last" in output
     step = torch.load(last, weights_only=False)["global_step"]
     assert step > 0 and f"SIGTERM at step {step}:" in output and "Traceback" not in output
+    assert "weights_only" not in output  # Lightning's log line when a save does not say what it keeps
     resumed = smolfactory(capfd, *command[3:], f"--trainer.max_steps={step + 2}", "--ckpt_path=last")
     assert resumed.code == 0, resumed.err[-2000:]
     assert f"Restored all states from the checkpoint at {last}" in resumed.out
     assert f"`max_steps={step + 2}` reached" in resumed.out
     assert "dataloader is not resumable" not in resumed.out + resumed.err
+    assert [path.name for path in last.parent.iterdir()] == ["last.ckpt"]  # replaced, not versioned beside it
+    assert torch.load(last, weights_only=True)["global_step"] == step + 2
 
 
 def test_ctrl_c_on_the_command_line_saves_and_says_how_to_resume(tmp_path, tiny_model_dir, capfd):

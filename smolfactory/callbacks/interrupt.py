@@ -88,7 +88,7 @@ class SaveOnInterrupt(L.Callback):
         folder = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath else None
         path = Path(folder or Path(trainer.default_root_dir) / "checkpoints") / self.filename
         before = written_at(path)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full, resumable checkpoint (and no log line about it)
         if trainer.is_global_zero and written_at(path) in (None, before):  # a writer that failed without raising
             raise SmolFactoryError(f"the checkpoint {path} was not written; training stopped without saving it")
         return path
