@@ -199,9 +199,8 @@ def _readable_copy(path: Path, bad: list[tuple[int, str]]) -> Path:
         / (f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}.jsonl")
     )
     if not copy.is_file():
-        problems = dict(bad)
         lines = data.split(b"\n")
-        for number, problem in problems.items():
+        for number, problem in bad:
             lines[number - 1] = json.dumps({UNREADABLE: problem}).encode()
         with atomic_file(copy) as staging:
             staging.write_bytes(b"\n".join(lines))
