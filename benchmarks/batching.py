@@ -21,7 +21,7 @@ from itertools import islice
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.data.collate import packed_collate
 from smolfactory.model import resolve_model_path
 from smolfactory.model.lora import apply_lora
@@ -30,8 +30,8 @@ from smolfactory.model.loss import IGNORE_INDEX, label_token_loss
 MODES = {"padded": {}, "grouped": {"group_by_length": True}, "packed": {"packing": True}}
 
 
-def build_module(args: argparse.Namespace, attention: str) -> CausalLMModule:
-    module = CausalLMModule(model_name=args.model, lora=LoraSettings(r=16), attn_implementation=attention)
+def build_module(args: argparse.Namespace, attention: str) -> SFTModule:
+    module = SFTModule(model_name=args.model, lora=LoraSettings(r=16), attn_implementation=attention)
     if args.random_init:  # same architecture, random weights: no weight files needed
         config = AutoConfig.from_pretrained(resolve_model_path(args.model), attn_implementation=attention)
         torch.manual_seed(0)
@@ -45,7 +45,7 @@ def to_device(batch: dict, device: str) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def time_mode(module: CausalLMModule, args: argparse.Namespace, mode: str) -> dict:
+def time_mode(module: SFTModule, args: argparse.Namespace, mode: str) -> dict:
     datamodule = SFTDataModule(
         tokenizer=args.model,
         dataset=args.dataset,
@@ -83,7 +83,7 @@ def time_mode(module: CausalLMModule, args: argparse.Namespace, mode: str) -> di
     return {"mode": mode, "tokens/s": real / seconds, "padding": 1 - real / padded, "seconds": seconds}
 
 
-def isolation_gap(module: CausalLMModule, args: argparse.Namespace) -> tuple[float, float, int]:
+def isolation_gap(module: SFTModule, args: argparse.Namespace) -> tuple[float, float, int]:
     """(packed loss, one-by-one loss, examples) for the first packed batch."""
     datamodule = SFTDataModule(
         tokenizer=args.model, dataset=args.dataset, max_length=args.max_length, batch_size=2, val_split=0,

@@ -113,7 +113,7 @@ def final_loss(model: torch.nn.Module, tokenizer, pairs: list[dict], max_length:
 def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, checkpointing: bool) -> dict:
     import lightning as L
 
-    from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+    from smolfactory import LoraSettings, SFTDataModule, SFTModule
     from smolfactory.callbacks import TokenThroughput
     from smolfactory.callbacks.throughput import real_tokens
 
@@ -124,7 +124,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     L.seed_everything(0)
     lora = None if args.full else LoraSettings(r=16, alpha=32, dropout=0.0)
-    module = CausalLMModule(model_name=args.model, lora=lora, learning_rate=LEARNING_RATE, min_lr_ratio=1.0,
+    module = SFTModule(model_name=args.model, lora=lora, learning_rate=LEARNING_RATE, lr_scheduler=None,
                             gradient_checkpointing=checkpointing)  # fmt: skip
     data = SFTDataModule(tokenizer=args.model, dataset=str(path), val_split=0, max_length=args.max_length,
                          batch_size=args.batch_size, packing=packing)  # fmt: skip

@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from smolfactory import CausalLMModule, SFTDataModule
+from smolfactory import SFTDataModule, SFTModule
 from smolfactory.model import DEFAULT_MODEL, resolve_model_path
 
 
-class FirstGradients(CausalLMModule):
+class FirstGradients(SFTModule):
     """Keeps the gradient of the first optimizer step, as the optimizer receives it."""
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -56,7 +56,7 @@ def small_model(tokenizer_folder: str, folder: str) -> str:
 def train(model: str, args: argparse.Namespace, precision: str, packing: bool, accumulate: int, batch_size: int,
           steps: int, lora: bool) -> tuple[list[float], dict, float]:  # fmt: skip
     L.seed_everything(0)
-    module = FirstGradients(model_name=model, lora={"r": 16} if lora else None, learning_rate=1e-3)
+    module = FirstGradients(model_name=model, lora={"r": 16} if lora else None, optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}})
     datamodule = SFTDataModule(
         tokenizer=model, dataset="builtin:quickstart", val_split=0, batch_size=batch_size, packing=packing
     )

@@ -4,7 +4,16 @@ import smolfactory.quiet  # noqa: F401  (first: it filters messages that the imp
 
 # isort: split
 from smolfactory.data import PreferenceDataModule, SFTDataModule
-from smolfactory.model import CausalLMModule, DPOModule, LoraSettings
+from smolfactory.model import DPOModule, LoraSettings, ModelSettings, RecipeModule, SFTModule, build_model
 
-__all__ = ["CausalLMModule", "DPOModule", "LoraSettings", "PreferenceDataModule", "SFTDataModule"]
+__all__ = [
+    "DPOModule",
+    "LoraSettings",
+    "ModelSettings",
+    "PreferenceDataModule",
+    "RecipeModule",
+    "SFTDataModule",
+    "SFTModule",
+    "build_model",
+]
 __version__ = "0.1.0"

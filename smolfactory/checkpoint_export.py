@@ -7,7 +7,6 @@ smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --outpu
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from smolfactory.errors import SmolFactoryError, first_line
 from smolfactory.export import save_pretrained_folder
 from smolfactory.hub import push_folder, require_token
 from smolfactory.model.loading import load_tokenizer
-from smolfactory.model.sft import CausalLMModule
+from smolfactory.model.recipe import model_from_checkpoint
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
@@ -30,18 +29,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
     """
     saved = read_checkpoint(Path(checkpoint))
     hparams = saved.get("hyper_parameters") or {}
-    accepted = inspect.signature(CausalLMModule.__init__).parameters
-    module = CausalLMModule(**{key: value for key, value in hparams.items() if key in accepted})
-    module.configure_model()
-    module.load_state_dict(saved["state_dict"], strict=module.strict_loading)
-    model = module.model
+    model = model_from_checkpoint(saved)
+    lora = hparams.get("lora")
     if merge and isinstance(model, PeftModel):
         model = model.merge_and_unload()
     data = saved.get("datamodule_hyper_parameters") or {}
-    tokenizer = load_tokenizer(module.hparams.model_name)
+    tokenizer = load_tokenizer(hparams.get("model_name"))
     if data.get("chat_template"):
         tokenizer.chat_template = resolve_chat_template(data["chat_template"])
-    card = model_card({**hparams, **module.hparams}, data, saved, merged=merge and module.lora is not None)
+    card = model_card(hparams, data, saved, merged=merge and lora is not None)
     return save_pretrained_folder(model, tokenizer, output, card=card)
 
 
@@ -66,6 +62,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise SmolFactoryError(f"could not read checkpoint {path} ({first_line(error)})") from error
 
 
+def described(config: dict[str, Any] | None) -> str:
+    """A class-path setting in a line: ``AdamW8bit (lr=0.001, weight_decay=0.0)``."""
+    if not config:
+        return ""
+    arguments = ", ".join(f"{key}={value}" for key, value in (config.get("init_args") or {}).items())
+    return f"{config['class_path'].rsplit('.', 1)[-1]} ({arguments})"
+
+
 def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, Any], merged: bool) -> str:
     """A README.md: what was trained from what, on which data, with which settings, and how it ended."""
     lora = hparams.get("lora")
@@ -77,8 +81,8 @@ def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, A
         method = "full fine-tuning"
     if hparams.get("quantization"):
         method += f", base quantized to {hparams['quantization']} during training"
-    if "beta" in hparams:  # a DPOModule checkpoint
-        method = f"preference tuning ({hparams['loss_type']} loss, beta={hparams['beta']}), {method}"
+    if hparams.get("loss"):  # a DPOModule checkpoint
+        method = f"preference tuning ({described(hparams['loss'])}), {method}"
     rows = {
         "base model": f"`{hparams.get('model_name')}`",
         "method": method,
@@ -87,8 +91,8 @@ def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, A
         "max length": data.get("max_length"),
         "packing": data.get("packing"),
         "batch size (per device)": data.get("batch_size"),
-        "learning rate": f"{hparams.get('learning_rate')} (warm-up {hparams.get('warmup_steps')} steps, cosine to "
-        f"{hparams.get('min_lr_ratio')} of peak)",
+        "optimizer": described(hparams.get("optimizer")),
+        "learning-rate schedule": described(hparams.get("lr_scheduler")) or "constant",
         "optimizer steps": saved.get("global_step"),
         "epochs started": saved.get("epoch", 0) + 1,
     }

@@ -27,7 +27,8 @@ from smolfactory.callbacks.throughput import TokenThroughput
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.sft import CausalLMModule
+from smolfactory.model.recipe import RecipeModule
+from smolfactory.model.sft import SFTModule
 from smolfactory.run_folder import add_run_defaults, prepare_run
 
 # Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
@@ -51,19 +52,20 @@ class SmolFactoryTrainer(L.Trainer):
 
 
 class SmolFactoryCLI(LightningCLI):
-    """LightningCLI over CausalLMModule and SFTDataModule (or subclasses: DPOModule and PreferenceDataModule), with
+    """LightningCLI over the recipes (SFTModule, DPOModule: siblings on RecipeModule) and their data modules, with
     the export, predictions, interrupt, throughput and generation-samples callbacks always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
         # Subclass mode: `model: {class_path: smolfactory.DPOModule, init_args: ...}` picks another recipe; a
-        # config without class_path configures the defaults, CausalLMModule and SFTDataModule.
-        kwargs.setdefault("model_class", CausalLMModule)
+        # config without class_path configures the defaults, SFTModule and SFTDataModule.
+        kwargs.setdefault("model_class", RecipeModule)
         kwargs.setdefault("datamodule_class", SFTDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", SmolFactoryTrainer)
-        # The module configures its own AdamW and schedule: no optimizer/lr_scheduler keys in the YAML.
+        # Each recipe takes model.optimizer and model.lr_scheduler by class path and builds them itself (weight
+        # decay on matrices only), so LightningCLI adds no top-level optimizer/lr_scheduler keys of its own.
         kwargs.setdefault("auto_configure_optimizers", False)
         # A rerun into the same folder replaces config.yaml instead of refusing to start.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -94,7 +96,7 @@ class SmolFactoryCLI(LightningCLI):
         add_run_defaults(config.trainer)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": CausalLMModule.__module__ + ".CausalLMModule"})
+        parser.set_defaults({"model": SFTModule.__module__ + ".SFTModule"})
         parser.set_defaults({"data": SFTDataModule.__module__ + ".SFTDataModule"})
         # The user names the model once; the data module loads the same model's tokenizer.
         parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer")

@@ -142,3 +142,10 @@ class SignalAt(L.Callback):
         if trainer.global_step == self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+def adamw(lr: float = 2e-4, eight_bit: bool = False, **init_args: object) -> dict:
+    """``model.optimizer``: torch's AdamW (or bitsandbytes' 8-bit AdamW) at ``lr``, without weight decay unless
+    given (as the recipes' defaults)."""
+    class_path = "bitsandbytes.optim.AdamW8bit" if eight_bit else "torch.optim.AdamW"
+    return {"class_path": class_path, "init_args": {"lr": lr, "weight_decay": 0.0, **init_args}}

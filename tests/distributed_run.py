@@ -22,9 +22,10 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.tensor import DTensor
 
-from smolfactory import CausalLMModule, DPOModule, LoraSettings, PreferenceDataModule, SFTDataModule
+from smolfactory import DPOModule, LoraSettings, PreferenceDataModule, SFTDataModule, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.model.sharding import DecoderLayerPolicy
+from tests.conftest import adamw
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -66,7 +67,7 @@ class RecorderMixin:
         return {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
 
 
-class Recorder(RecorderMixin, CausalLMModule):
+class Recorder(RecorderMixin, SFTModule):
     pass
 
 
@@ -100,7 +101,7 @@ def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devic
     name = name or variant
     L.seed_everything(0)
     module_class, data_class = (DPORecorder, PreferenceDataModule) if preference else (Recorder, SFTDataModule)
-    module = module_class(model_name=model_dir, lora=VARIANTS[variant], learning_rate=1e-2)
+    module = module_class(model_name=model_dir, lora=VARIANTS[variant], optimizer=adamw(1e-2))
     data = data_class(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=batch_size)
     last = out / name / "checkpoints" / "last.ckpt"
     checkpoints = stop_at is not None

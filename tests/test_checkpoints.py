@@ -17,11 +17,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import SaveOnInterrupt
 from smolfactory.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import chat, smolfactory, write_jsonl
+from tests.conftest import adamw, chat, smolfactory, write_jsonl
 from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
 from tests.test_model import quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -33,7 +33,7 @@ def trainer_with_checkpoints(root: Path, max_steps: int, **kwargs) -> L.Trainer:
 
 def test_a_failed_write_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     trainer = trainer_with_checkpoints(tmp_path, max_steps=2, plugins=[AtomicCheckpointIO()])
-    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=tiny_data)
+    trainer.fit(SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=tiny_data)
     last = tmp_path / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     save = torch.save
@@ -83,7 +83,9 @@ def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_as_the_new
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tiny_data, tmp_path, optimizer):  # noqa: F811
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=optimizer)
+    module = SFTModule(
+        model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(eight_bit=optimizer == "adamw_8bit")
+    )
     trainer_with_checkpoints(tmp_path, max_steps=2).fit(module, datamodule=tiny_data)
     last = tmp_path / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
@@ -98,10 +100,12 @@ def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tin
 
 
 def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
-    class TurnsNaN(CausalLMModule):
-        def loss_terms(self, batch):
-            terms = super().loss_terms(batch)
-            return terms._replace(loss_sum=terms.loss_sum * float("nan")) if self.trainer.global_step == 2 else terms
+    class TurnsNaN(SFTModule):
+        def batch_sums(self, batch):
+            sums = super().batch_sums(batch)
+            if self.trainer.global_step == 2:
+                sums["loss"] = sums["loss"]._replace(total=sums["loss"].total * float("nan"))
+            return sums
 
     module = TurnsNaN(model_name=tiny_model_dir, lora=LoraSettings(r=4))
     with pytest.raises(SmolFactoryError, match=r"became nan at step 3; last good checkpoint: .*last\.ckpt"):
@@ -213,7 +217,9 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
         L.seed_everything(0)
         # LoRA dropout draws random numbers at every step: the RNG state must resume too.
         lora = LoraSettings(r=4, dropout=0.1)
-        module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2, optimizer=optimizer)
+        module = SFTModule(
+            model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2, eight_bit=optimizer == "adamw_8bit")
+        )
         data = SFTDataModule(
             tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=batch_size,
             group_by_length=group_by_length,

@@ -46,7 +46,7 @@ def test_print_config_documents_every_option(capsys):
     printed = capsys.readouterr().out
     config = yaml.safe_load(printed)
     # A config without class_path configures the default recipe: SFT.
-    assert config["model"]["class_path"] == "smolfactory.model.sft.CausalLMModule"
+    assert config["model"]["class_path"] == "smolfactory.model.sft.SFTModule"
     assert config["data"]["class_path"] == "smolfactory.data.sft.SFTDataModule"
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert model["model_name"] == "builtin:smollm2-135m-instruct"
@@ -210,4 +210,5 @@ def test_dpo_recipe_through_the_cli_trains_an_adapter_and_logs_rewards(tmp_path,
     # `smolfactory export` rebuilds the module from the DPO checkpoint's hyperparameters.
     main(["export", "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "out")])
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert "preference tuning (sigmoid loss, beta=0.1)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "preference tuning (DPOLoss (beta=0.1, loss_type=sigmoid, label_smoothing=0.0))" in card

@@ -18,6 +18,26 @@ from tests.conftest import ROOT, chat, write_jsonl
 
 RECIPES = sorted((ROOT / "configs" / "models").glob("*.yaml"))
 SHIPPED = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "dpo_quickstart.yaml", *RECIPES]
+CUDA_BASE = ROOT / "configs" / "cuda.yaml"
+
+
+def composed(config: Path) -> list[Path]:
+    """The --config files of a shipped recipe, as its header says: the models' recipes on the shared CUDA base."""
+    return [CUDA_BASE, config] if config.parent.name == "models" else [config]
+
+
+def merged(first: dict, second: dict) -> dict:
+    """Two parsed YAML documents as jsonargparse composes them: the second's keys win, mappings merge."""
+    result = dict(first)
+    for key, value in second.items():
+        both = isinstance(value, dict) and isinstance(first.get(key), dict)
+        result[key] = merged(first[key], value) if both else value
+    return result
+
+
+def read(config: Path) -> dict:
+    documents = [yaml.safe_load(path.read_text()) for path in composed(config)]
+    return merged(documents[0], documents[1]) if len(documents) == 2 else documents[0]
 
 
 def test_the_promised_recipes_exist():
@@ -44,24 +64,31 @@ def stand_in(raw: dict, model_dir: str, adapter_dir: str, folder: Path) -> dict:
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
 def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, tiny_adapter_dir, tmp_path):
-    raw = yaml.safe_load(config.read_text())
+    raw = read(config)
     settings = tmp_path / "stand-in.yaml"
     settings.write_text(yaml.safe_dump(stand_in(raw, tiny_model_dir, tiny_adapter_dir, tmp_path)))
     root = tmp_path / "run"
-    cli = SmolFactoryCLI(args=["fit", "--config", str(config), "--config", str(settings),
-                               f"--trainer.default_root_dir={root}"])  # fmt: skip
+    shipped = [argument for path in composed(config) for argument in ("--config", str(path))]
+    cli = SmolFactoryCLI(args=["fit", *shipped, "--config", str(settings), f"--trainer.default_root_dir={root}"])
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 1
     assert trainer.precision == raw["trainer"]["precision"]
     assert trainer.gradient_clip_val == raw["trainer"].get("gradient_clip_val")
     model_settings = raw["model"].get("init_args", raw["model"])
     optimizer = trainer.optimizers[0]
-    if model_settings.get("optimizer") == "adamw_8bit":
+    if model_settings["optimizer"]["class_path"] == "bitsandbytes.optim.AdamW8bit":
         assert isinstance(optimizer, AdamW8bit)
     else:
         assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    # As configured: the peak learning rate and weight decay (on matrices only), the schedule's warm-up.
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == model_settings["optimizer"]["init_args"]["weight_decay"]
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
+    assert decay["initial_lr"] == model_settings["optimizer"]["init_args"]["lr"]
+    schedule = trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.warmup_steps == model_settings["lr_scheduler"]["init_args"]["warmup_steps"]
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    lora = model_settings.get("lora", {"r": 16})  # CausalLMModule's default
+    lora = model_settings.get("lora", {"r": 16})  # SFTModule's default
     if lora is None:
         assert len(trainable) == len(list(module.parameters()))  # full fine-tuning
         assert (root / "final" / "model.safetensors").is_file()
@@ -97,6 +124,20 @@ def values(tree: object) -> list[object]:
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
 def test_each_config_names_its_run_folder_once(config):
     """Logs, checkpoints and final/ follow trainer.default_root_dir: no setting repeats the folder."""
-    raw = yaml.safe_load(config.read_text())
+    raw = read(config)
     root = raw["trainer"]["default_root_dir"]
     assert [value for value in values(raw) if isinstance(value, str) and root in value] == [root]
+
+
+def test_the_recipes_share_their_base_instead_of_repeating_it():
+    """configs/models/ holds only what each recipe changes; no line of the shared base is repeated there."""
+    base = yaml.safe_load(CUDA_BASE.read_text())
+    for recipe in RECIPES:
+        text = recipe.read_text()
+        assert f"--config configs/cuda.yaml --config configs/models/{recipe.name}" in text
+        changes = yaml.safe_load(text)
+        assert "callbacks" not in changes["trainer"] and "samples" not in changes
+        assert len(text.splitlines()) < len(CUDA_BASE.read_text().splitlines()) / 2
+        for section, values_ in changes.items():
+            for key, value in values_.items():
+                assert base.get(section, {}).get(key) != value, f"{recipe.name} repeats {section}.{key}"

@@ -279,7 +279,7 @@ def test_streaming_gives_the_examples_of_the_prepared_dataset(tiny_model_dir, tm
 def test_streaming_packs_and_trains_for_max_steps(tiny_model_dir, tmp_path):
     import lightning as L
 
-    from smolfactory import CausalLMModule
+    from smolfactory import SFTModule
 
     path = write_jsonl(tmp_path / "d.jsonl", [chat(f"Question {i}?", "Answer " * i) for i in range(1, 30)])
     datamodule = SFTDataModule(
@@ -296,5 +296,5 @@ def test_streaming_packs_and_trains_for_max_steps(tiny_model_dir, tmp_path):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
-    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=None), datamodule=datamodule)
+    trainer.fit(SFTModule(model_name=tiny_model_dir, lora=None), datamodule=datamodule)
     assert trainer.global_step == 3

@@ -15,7 +15,7 @@ from smolfactory.callbacks import HFExport
 from smolfactory.data.preview import preview
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import label_token_log_probs, row_sums
-from tests.conftest import write_jsonl
+from tests.conftest import adamw, write_jsonl
 from tests.test_checkpoints import StepLosses, trainer_with_checkpoints
 from tests.test_model import quiet_trainer
 
@@ -179,7 +179,7 @@ def log_probs_by_hand(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 def test_reference_is_the_base_model_and_does_not_move_while_training(tiny_model_dir, pairs_path):
     datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=3)
     batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule._collate())))
-    module = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), learning_rate=1e-2)
+    module = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-2))
     module.configure_model()
     before = torch.cat(module.reference_log_probs(batch))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -192,21 +192,21 @@ def test_reference_is_the_base_model_and_does_not_move_while_training(tiny_model
 
 
 def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir, pairs_path, tmp_path):
-    trained = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), learning_rate=1e-2)
+    trained = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-2))
     fit(trained, datamodule_for(tiny_model_dir, pairs_path), steps=2)
     trained.model.save_pretrained(tmp_path / "adapter")
     datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=3)
     batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule._collate())))
 
-    module = DPOModule(model_name=str(tmp_path / "adapter"), learning_rate=1e-2)
+    module = DPOModule(model_name=str(tmp_path / "adapter"), optimizer=adamw(1e-2))
     module.configure_model()
     # peft's load_adapter(is_trainable=False) puts the whole model in eval mode; the policy trains with dropout.
     assert all(submodule.training for submodule in module.model.modules())
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     expected = log_probs_by_hand(adapter, batch)
     assert torch.allclose(torch.cat(module.reference_log_probs(batch)), expected, atol=1e-4)
-    sums = module.preference_sums(batch)
-    assert sums.reward_margin.abs() < 1e-4  # policy = reference before training: zero rewards
+    sums = module.batch_sums(batch)
+    assert sums["reward_margin"].total.abs() < 1e-4  # policy = reference before training: zero rewards
     fit(module, datamodule, steps=2, root=tmp_path / "run", callbacks=[HFExport()])
     assert torch.allclose(torch.cat(module.reference_log_probs(batch)), expected, atol=1e-4)
     # The export holds the trained adapter only, not the frozen reference beside it.
@@ -224,7 +224,7 @@ def test_precomputed_reference_log_probs_give_the_same_training(tiny_model_dir, 
     for precompute in (False, True):
         L.seed_everything(0)
         module = DPOModule(
-            model_name=tiny_model_dir, lora=None, learning_rate=1e-3, precompute_ref_log_probs=precompute
+            model_name=tiny_model_dir, lora=None, optimizer=adamw(1e-3), precompute_ref_log_probs=precompute
         )
         datamodule = datamodule_for(tiny_model_dir, pairs_path)
         trainer = fit(module, datamodule, steps=2)
@@ -246,7 +246,7 @@ def test_a_step_is_the_mean_over_its_pairs_however_it_is_accumulated(tiny_model_
     gradients = []
     for batch_size, accumulate in ((3, 1), (2, 2)):
         L.seed_everything(0)
-        module = GradientRecorder(model_name=tiny_model_dir, lora=LoraSettings(r=8), learning_rate=1e-3)
+        module = GradientRecorder(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-3))
         datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=batch_size)
         datamodule.train_dataloader = lambda dm=datamodule, b=batch_size: DataLoader(  # in file order
             dm.train_data, batch_size=b, collate_fn=dm._collate()
@@ -268,13 +268,13 @@ class StopAfter3(L.Callback):
 def test_resuming_dpo_from_an_adapter_continues_exactly(tiny_model_dir, pairs_path, tmp_path):
     """6 steps straight equal 3 steps, a stop and 3 resumed ones (losses and weights); the checkpoint holds the
     trained adapter only, and the frozen reference adapter is loaded again from its folder."""
-    start = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2)
+    start = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2))
     fit(start, datamodule_for(tiny_model_dir, pairs_path), steps=2)
     start.model.save_pretrained(tmp_path / "adapter")
 
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)
-        module = DPOModule(model_name=str(tmp_path / "adapter"), learning_rate=1e-2)
+        module = DPOModule(model_name=str(tmp_path / "adapter"), optimizer=adamw(1e-2))
         losses = StepLosses()
         trainer = trainer_with_checkpoints(root, max_steps=6)
         trainer.callbacks += [losses, *([StopAfter3()] if stop else [])]

@@ -7,15 +7,16 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
 
-from smolfactory import CausalLMModule, LoraSettings
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
+from tests.conftest import adamw
 from tests.test_checkpoints import trainer_with_checkpoints
 from tests.test_model import tiny_data  # noqa: F401  (a fixture)
 
 
 @pytest.mark.parametrize("lora", [LoraSettings(r=4, alpha=8), None], ids=["lora", "full"])
 def test_export_adapter_and_merged_give_the_trained_logits(tiny_model_dir, tiny_data, tmp_path, capsys, lora):  # noqa: F811
-    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
+    module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2))
     trainer_with_checkpoints(tmp_path, max_steps=3).fit(module, datamodule=tiny_data)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     batch = next(iter(tiny_data._loader(tiny_data.train_data, shuffle=False)))

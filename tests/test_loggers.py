@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from smolfactory import CausalLMModule, LoraSettings
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.loggers import TrackioLogger
+from tests.conftest import adamw
 from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
@@ -13,7 +14,7 @@ def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatc
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     from trackio.sqlite_storage import SQLiteStorage
 
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2)
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2))
     recorder = RecordSteps()
     trainer = quiet_trainer(tmp_path, 4, [recorder])
     trainer.loggers = [TrackioLogger(project="smolfactory-test", name="tiny-run")]
@@ -24,4 +25,4 @@ def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatc
     assert losses == pytest.approx(recorder.losses, rel=1e-6) and len(losses) == 4
     assert [row["step"] for row in logs if "train_loss" in row] == [0, 1, 2, 3]
     config = SQLiteStorage.get_run_config("smolfactory-test", "tiny-run")
-    assert config["learning_rate"] == 1e-2 and config["lora/r"] == 4
+    assert config["optimizer/init_args/lr"] == 1e-2 and config["lora/r"] == 4

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from smolfactory import CausalLMModule, SFTDataModule
+from smolfactory import SFTDataModule, SFTModule
 from smolfactory.model.loss import label_token_loss
 from tests.conftest import chat, write_jsonl
 
@@ -23,7 +23,7 @@ RAGGED = [
 ]
 
 
-class GradientRecorder(CausalLMModule):
+class GradientRecorder(SFTModule):
     """Keeps the gradients the optimizer receives at each step (after normalisation, before clipping)."""
 
     def on_before_optimizer_step(self, optimizer):
@@ -54,7 +54,7 @@ def reference_step(model_dir, data_path):
     """Gradient and loss of the token mean over the four examples, each run alone through transformers."""
     datamodule = SFTDataModule(tokenizer=model_dir, dataset=str(data_path), val_split=0)
     datamodule.setup("fit")
-    module = CausalLMModule(model_name=model_dir, lora=None)
+    module = SFTModule(model_name=model_dir, lora=None)
     module.configure_model()
     sums, counts, means = [], [], []
     for example in datamodule.train_data:

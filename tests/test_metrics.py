@@ -11,10 +11,10 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.model.loss import IGNORE_INDEX
-from tests.conftest import chat, write_jsonl
+from tests.conftest import adamw, chat, write_jsonl
 from tests.test_chat import greedy_by_hand, user
 from tests.test_model import quiet_trainer
 
@@ -58,7 +58,7 @@ def by_hand(model, dataloader) -> tuple[float, float]:
 
 
 def test_step_and_epoch_metrics_are_token_weighted(tiny_model_dir, two_batches, tmp_path):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), learning_rate=3e-2, min_lr_ratio=1.0)
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(3e-2), lr_scheduler=None)
     record = StepRecord()
     L.seed_everything(0)
     trainer = quiet_trainer(tmp_path, 30, [record])
@@ -90,7 +90,7 @@ def test_generation_samples_at_each_validation(tiny_model_dir, tmp_path):
     rows = [chat("Say a colour.", "Blue."), chat("Count to three.", "One, two, three.")] * 4
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     data = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0.25, batch_size=2)
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2)
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2))
     prompts = ["Say a colour.", "Who are you?"]
     trainer = L.Trainer(
         accelerator="cpu", max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,

@@ -1,4 +1,4 @@
-"""CausalLMModule on a tiny real Llama: loss, optimisation, schedule, and the exported folder."""
+"""SFTModule on a tiny real Llama: loss, optimisation, schedule, and the exported folder."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import chat, write_jsonl
+from tests.conftest import adamw, chat, write_jsonl
 
 
 class RecordSteps(L.Callback):
@@ -66,11 +66,11 @@ def tiny_data(tiny_model_dir, tmp_path):
 
 
 def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=None)
+    module = SFTModule(model_name=tiny_model_dir, lora=None)
     module.configure_model()
     tiny_data.setup("fit")
     batch = next(iter(tiny_data.train_dataloader()))
-    loss_sum, num_tokens, _ = module.loss_terms(batch)
+    loss_sum, num_tokens = module.batch_sums(batch)["loss"]
     reference = module.model(**batch).loss  # transformers shifts and averages internally
     num_labels = (batch["labels"][:, 1:] != -100).sum()
     assert num_tokens == num_labels
@@ -79,15 +79,15 @@ def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
 
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tiny_data, tmp_path, lora):
-    # A constant learning rate (min_lr_ratio=1): this test is about optimisation, not the schedule.
-    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2, min_lr_ratio=1.0)
+    # A constant learning rate (no schedule): this test is about optimisation, not the schedule.
+    module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2), lr_scheduler=None)
     recorder = fit(module, tiny_data, tmp_path, max_steps=20)
     assert len(recorder.losses) == 20
     assert recorder.losses[-1] < 0.6 * recorder.losses[0]
 
 
 def test_lora_trains_only_adapters_and_configure_model_is_idempotent(tiny_model_dir):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
     module.configure_model()
     model = module.model
     module.configure_model()
@@ -102,7 +102,11 @@ def test_lora_trains_only_adapters_and_configure_model_is_idempotent(tiny_model_
 
 def test_warmup_then_cosine_schedule(tiny_model_dir, tiny_data, tmp_path):
     peak, warmup, total, floor = 1e-3, 3, 10, 0.1
-    module = CausalLMModule(model_name=tiny_model_dir, learning_rate=peak, warmup_steps=warmup, min_lr_ratio=floor)
+    schedule = {
+        "class_path": "smolfactory.model.schedules.WarmupCosineLR",
+        "init_args": {"warmup_steps": warmup, "min_lr_ratio": floor},
+    }
+    module = SFTModule(model_name=tiny_model_dir, optimizer=adamw(peak), lr_scheduler=schedule)
     recorder = fit(module, tiny_data, tmp_path, max_steps=total)
 
     def expected(step: int) -> float:
@@ -116,7 +120,7 @@ def test_warmup_then_cosine_schedule(tiny_model_dir, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data, tmp_path, lora):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
+    module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2))
     fit(module, tiny_data, tmp_path, max_steps=3, callbacks=[HFExport()])
     final = tmp_path / "final"
     files = {path.name for path in final.iterdir()}
@@ -139,11 +143,11 @@ def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data
 
 @pytest.mark.parametrize("lora", [LoraSettings(r=8), None], ids=["continue-adapter", "merge-then-full"])
 def test_an_adapter_folder_as_model_name_starts_from_that_adapter(tiny_model_dir, tiny_data, tmp_path, lora):
-    first = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=8, alpha=16), learning_rate=1e-2)
+    first = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=8, alpha=16), optimizer=adamw(1e-2))
     fit(first, tiny_data, tmp_path, max_steps=3, callbacks=[HFExport()])
     adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final").eval()
 
-    second = CausalLMModule(model_name=str(tmp_path / "final"), lora=lora)
+    second = SFTModule(model_name=str(tmp_path / "final"), lora=lora)
     second.configure_model()
     second.eval()
     input_ids = torch.tensor([[1, 42, 7, 99, 2048, 5]])
@@ -157,7 +161,7 @@ def test_an_adapter_folder_as_model_name_starts_from_that_adapter(tiny_model_dir
 
 
 def test_lora_checkpoint_holds_only_trainable_weights(tiny_model_dir, tiny_data, tmp_path):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4))
     fit(module, tiny_data, tmp_path, max_steps=1)
     path = tmp_path / "lora.ckpt"
     module.trainer.save_checkpoint(path)
@@ -170,18 +174,18 @@ def test_lora_checkpoint_holds_only_trainable_weights(tiny_model_dir, tiny_data,
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"warmup_steps": -1}, "model.warmup_steps must be >= 0"), ({"lora": LoraSettings(r=0)}, "lora.r must be")],
+    [({"optimizer": "AdamW"}, "model.optimizer: give a class path"), ({"lora": LoraSettings(r=0)}, "lora.r must be")],
 )
 def test_bad_model_settings_fail_when_the_module_is_built(kwargs, message):
     with pytest.raises(SmolFactoryError, match=message):
-        CausalLMModule(**kwargs)
+        SFTModule(**kwargs)
 
 
 def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data, tmp_path):
     """On the CPU the optimizer is torch's fused AdamW; its weights after 3 steps equal those of the
     single-tensor (for-loop) implementation run on the same gradients."""
 
-    class ReferenceAdamW(CausalLMModule):
+    class ReferenceAdamW(SFTModule):
         def configure_optimizers(self):
             config = super().configure_optimizers()
             fused = config["optimizer"]
@@ -191,8 +195,8 @@ def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data
             return config
 
     weights = []
-    for module_class in (CausalLMModule, ReferenceAdamW):
-        module = module_class(model_name=tiny_model_dir, lora=None, learning_rate=1e-2, weight_decay=0.1)
+    for module_class in (SFTModule, ReferenceAdamW):
+        module = module_class(model_name=tiny_model_dir, lora=None, optimizer=adamw(1e-2, weight_decay=0.1))
         fit(module, tiny_data, tmp_path, max_steps=3)
         weights.append({name: p.detach().clone() for name, p in module.named_parameters()})
     for name, value in weights[0].items():
@@ -205,7 +209,7 @@ def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data
 def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tiny_data, tmp_path):
     losses = []
     for compiled in (False, True):
-        module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2, compile=compiled)
+        module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2), compile=compiled)
         losses.append(fit(module, tiny_data, tmp_path, max_steps=3).losses)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert module.model._compiled_call_impl is not None

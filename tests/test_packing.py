@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from smolfactory import CausalLMModule, SFTDataModule
+from smolfactory import SFTDataModule, SFTModule
 from smolfactory.data.collate import packed_collate
 from smolfactory.data.packing import LengthGroupedBatchSampler, pack_examples
 from smolfactory.model.loss import IGNORE_INDEX, label_token_loss
@@ -106,14 +106,14 @@ def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model
         tokenizer=tiny_model_dir, dataset=str(path), val_split=0, max_length=160, packing=True, batch_size=8
     )
     datamodule.setup("fit")
-    module = CausalLMModule(model_name=tiny_model_dir, lora=None, attn_implementation=attention)
+    module = SFTModule(model_name=tiny_model_dir, lora=None, attn_implementation=attention)
     module.configure_model()
     module.eval()
     (batch,) = list(datamodule.train_dataloader())
     assert batch["input_ids"].shape[0] == 2  # five examples in two rows, the shorter one padded
     assert (batch["position_ids"] == 0).sum() == len(ragged_rows) + 1
     with torch.no_grad():
-        packed_sum, packed_count, _ = module.loss_terms(batch)
+        packed_sum, packed_count = module.batch_sums(batch)["loss"]
         # Each example on its own, through transformers' own forward pass: no packing, no padding.
         total, count = 0.0, 0
         for example in datamodule.train_data:
@@ -123,7 +123,7 @@ def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model
             total, count = total + loss_sum.item(), count + n.item()
         # Without restarting positions, examples would see each other: the loss must then differ.
         leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
-        leaky_sum, _, _ = module.loss_terms(leaky)
+        leaky_sum, _ = module.batch_sums(leaky)["loss"]
     assert packed_count.item() == count
     assert (packed_sum / packed_count).item() == pytest.approx(total / count, abs=1e-5)
     assert abs(leaky_sum.item() - packed_sum.item()) / count > 1e-3

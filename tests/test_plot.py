@@ -9,9 +9,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.image import imread
 
-from smolfactory import CausalLMModule, LoraSettings
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
 from smolfactory.plot import find_metrics, read_series
+from tests.conftest import adamw
 from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 STEPS = 6
@@ -19,7 +20,12 @@ STEPS = 6
 
 @pytest.fixture
 def logged_run(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), learning_rate=1e-2, warmup_steps=2)
+    module = SFTModule(
+        model_name=tiny_model_dir,
+        lora=LoraSettings(r=4),
+        optimizer=adamw(1e-2),
+        lr_scheduler={"class_path": "smolfactory.model.schedules.WarmupCosineLR", "init_args": {"warmup_steps": 2}},
+    )
     recorder = RecordSteps()
     trainer = quiet_trainer(tmp_path, STEPS, [recorder, LearningRateMonitor(logging_interval="step")])
     trainer.loggers = [CSVLogger(tmp_path, name="logs")]

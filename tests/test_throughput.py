@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from smolfactory import CausalLMModule, LoraSettings, SFTDataModule
+from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import TokenThroughput
 from smolfactory.callbacks.throughput import flops_per_token, real_tokens
 from smolfactory.data.collate import packed_collate, pad_collate
@@ -62,7 +62,7 @@ def test_fit_logs_tokens_per_second_and_mfu(tiny_model_dir, tmp_path):
         accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, callbacks=[throughput],
     )  # fmt: skip
-    trainer.fit(CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=data)
+    trainer.fit(SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=data)
     assert throughput._tokens == 2 * sum(lengths)  # 4 steps of 2 examples: two epochs
     metrics = trainer.callback_metrics
     assert metrics["train_tokens_per_sec"] > 0

@@ -110,7 +110,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
         (["--ckpt_path=FILE", "--model.lora.r=8"], "model.lora.r is 16 there and 8 here"),
         (["--ckpt_path=last", "--model.lora.r=8"], "model.lora.r is 16 there and 8 here"),
         (["--ckpt_path=last", "--model.lora=null"], "model.lora is {'r': 16, 'alpha': 32, "),
-        (["--ckpt_path=last", "--model.learning_rate=0.1"], "model.learning_rate is 0.001 there and 0.1 here"),
+        (["--ckpt_path=last", "--model.optimizer.lr=0.1"], "model.optimizer.init_args.lr is 0.001 there and 0.1 here"),
         (["--ckpt_path=last", "--data.batch_size=2"], "data.batch_size is 8 there and 2 here"),
         (["--ckpt_path=last", "--trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches is 1 there and"),
     ],

@@ -9,23 +9,24 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-from smolfactory import CausalLMModule, LoraSettings
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.precision import check_combination
+from tests.conftest import adamw
 from tests.test_cli import QUICKSTART, tiny_overrides
 from tests.test_model import fit, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
 @pytest.mark.parametrize(("kind", "layer"), [("nf4", Linear4bit), ("fp4", Linear4bit), ("int8", Linear8bitLt)])
 def test_quantized_lora_trains_on_this_cpu(tiny_model_dir, tiny_data, tmp_path, kind, layer):  # noqa: F811
-    module = CausalLMModule(
+    module = SFTModule(
         model_name=tiny_model_dir,
         lora=LoraSettings(r=8, alpha=16),
         quantization=kind,
         gradient_checkpointing=True,
-        learning_rate=1e-2,
-        min_lr_ratio=1.0,
+        optimizer=adamw(1e-2),
+        lr_scheduler=None,
     )
     recorder = fit(module, tiny_data, tmp_path, max_steps=12)
     assert recorder.losses[-1] < 0.8 * recorder.losses[0]
@@ -40,7 +41,7 @@ def test_quantized_lora_trains_on_this_cpu(tiny_model_dir, tiny_data, tmp_path, 
 
 def gradients(module, batch):
     module.model.zero_grad(set_to_none=True)
-    loss_sum, count, _ = module.loss_terms(batch)
+    loss_sum, count = module.batch_sums(batch)["loss"]
     (loss_sum / count).backward()
     return loss_sum.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
@@ -52,7 +53,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        module = CausalLMModule(model_name=tiny_model_dir, lora=lora, gradient_checkpointing=checkpointing)
+        module = SFTModule(model_name=tiny_model_dir, lora=lora, gradient_checkpointing=checkpointing)
         module.configure_model()
         assert module.causal_lm.is_gradient_checkpointing == checkpointing
         results.append(gradients(module, batch))
@@ -64,7 +65,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
 
 
 def test_lora_on_attention_only(tiny_model_dir):
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, target_modules="attention"))
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, target_modules="attention"))
     module.configure_model()
     adapted = {name.split(".lora_A")[0].split(".")[-1] for name, _ in module.named_parameters() if "lora_A" in name}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -72,14 +73,14 @@ def test_lora_on_attention_only(tiny_model_dir):
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tiny_model_dir):
     for rslora, expected in ((False, 32 / 16), (True, 32 / math.sqrt(16))):
-        module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=16, alpha=32, use_rslora=rslora))
+        module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=16, alpha=32, use_rslora=rslora))
         module.configure_model()
         assert module.causal_lm.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(expected)
 
 
 def test_dora_learns_magnitudes_and_modules_to_save_train_in_full(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     lora = LoraSettings(r=4, use_dora=True, modules_to_save=["norm"])
-    module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2, min_lr_ratio=1.0)
+    module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2), lr_scheduler=None)
     recorder = fit(module, tiny_data, tmp_path, max_steps=10)
     assert recorder.losses[-1] < 0.8 * recorder.losses[0]
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
@@ -91,7 +92,7 @@ def test_dora_learns_magnitudes_and_modules_to_save_train_in_full(tiny_model_dir
 
 
 def test_full_fine_tuning_can_freeze_the_embeddings(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
-    module = CausalLMModule(model_name=tiny_model_dir, lora=None, freeze_embeddings=True, learning_rate=1e-2)
+    module = SFTModule(model_name=tiny_model_dir, lora=None, freeze_embeddings=True, optimizer=adamw(1e-2))
     module.configure_model()
     embeddings = module.causal_lm.get_input_embeddings().weight
     before, layer_before = embeddings.detach().clone(), module.causal_lm.model.layers[0].mlp.up_proj.weight.clone()
@@ -101,7 +102,7 @@ def test_full_fine_tuning_can_freeze_the_embeddings(tiny_model_dir, tiny_data, t
 
 
 def test_weights_dtype_is_kept_apart_from_the_precision(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
-    module = CausalLMModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), dtype="bfloat16")
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), dtype="bfloat16")
     module.configure_model()
     assert module.causal_lm.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
 
@@ -134,7 +135,7 @@ def test_combinations_that_cannot_work_are_refused(settings, message):
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed")
 def test_liger_without_the_package_is_one_line(tiny_model_dir):
-    module = CausalLMModule(model_name=tiny_model_dir, liger=True)
+    module = SFTModule(model_name=tiny_model_dir, liger=True)
     with pytest.raises(SmolFactoryError, match="needs the liger-kernel package; pip install liger-kernel"):
         module.configure_model()
 

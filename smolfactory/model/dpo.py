@@ -1,112 +1,89 @@
-"""DPOModule: preference tuning (DPO and its variants) of a causal LM, with or without LoRA.
+"""DPOModule: preference tuning of a causal LM on pairs of answers (DPO and its variants, ORPO, SimPO), with or
+without LoRA.
 
 A batch holds each pair's chosen sequences, then its rejected ones (``PreferenceDataModule``): one forward
-pass runs both. The reference model is the same model with its adapter switched off (LoRA on a base), a
-frozen copy of the adapter the run started from (LoRA from an adapter folder), or a second frozen model (full
-fine-tuning); or its log-probabilities are computed once before training (``precompute_ref_log_probs``).
+pass runs both. The loss (``model.loss``, one class per loss in ``preference_losses``) turns the sequences'
+log-probabilities into one loss per pair. Losses that need a reference model get one: the same model with its
+adapter switched off (LoRA on a base), a frozen copy of the adapter the run started from (LoRA from an adapter
+folder), or a second frozen model (full fine-tuning); or its log-probabilities are computed once before training
+(``precompute_ref_log_probs``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from peft import PeftModel
-from torchmetrics import MeanMetric
 
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.dpo_loss import DPOLossType, check_loss_settings, preference_loss
+from smolfactory.model.build import causal_lm_of, frozen_copy
 from smolfactory.model.loading import adapter_base_model, resolve_model_path
 from smolfactory.model.loss import IGNORE_INDEX, label_token_log_probs, row_sums
-from smolfactory.model.sft import CausalLMModule
+from smolfactory.model.preference_losses import DPOLoss, PairLogProbs, PreferenceLoss
+from smolfactory.model.recipe import RecipeModule, Sum
+from smolfactory.model.sft import WARMUP_COSINE
 
 REFERENCE_ADAPTER = "reference"
+DPO_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-6, "weight_decay": 0.0}}
+# Every preference loss reports these; a loss adds its own (ORPO: nll_loss, log_odds_ratio, log_odds_chosen).
+PAIR_METRICS = (
+    "loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen",
+    "logps_rejected", "logits_chosen", "logits_rejected", "token_accuracy", "entropy",
+)  # fmt: skip
 
 
-class PreferenceSums(NamedTuple):
-    """Sums over a batch (or step, or epoch) of pairs; each metric is a sum divided by its count."""
+class DPOModule(RecipeModule):
+    """Preference tuning of a causal LM (DPO and TRL's pairwise variants, ORPO, SimPO): LoRA adapters or every
+    weight."""
 
-    loss: torch.Tensor
-    pairs: torch.Tensor
-    rewards_chosen: torch.Tensor
-    rewards_rejected: torch.Tensor
-    reward_accuracy: torch.Tensor
-    reward_margin: torch.Tensor
-    logps_chosen: torch.Tensor
-    logps_rejected: torch.Tensor
-    logits_chosen: torch.Tensor
-    logits_rejected: torch.Tensor
-    token_accuracy: torch.Tensor
-    entropy: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    def counts(self) -> dict[str, torch.Tensor]:
-        """What each metric is a mean over: pairs, chosen tokens, rejected tokens, or all answer tokens."""
-        per_token = {"logits_chosen": self.chosen_tokens, "token_accuracy": self.chosen_tokens}
-        per_token |= {"logits_rejected": self.rejected_tokens, "entropy": self.chosen_tokens + self.rejected_tokens}
-        return {name: per_token.get(name, self.pairs).clamp(min=1) for name in METRIC_NAMES}
-
-    def means(self) -> dict[str, torch.Tensor]:
-        """Every metric as a mean."""
-        return {name: getattr(self, name) / count for name, count in self.counts().items()}
-
-
-METRIC_NAMES = [name for name in PreferenceSums._fields if name not in ("pairs", "chosen_tokens", "rejected_tokens")]
-
-
-class PreferenceMetrics(torch.nn.Module):
-    """Epoch means of the preference metrics (torchmetrics: synchronised across devices when computed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.means = torch.nn.ModuleDict({name: MeanMetric() for name in METRIC_NAMES})
-
-    def update(self, sums: PreferenceSums) -> None:
-        for name, count in sums.counts().items():
-            self.means[name].update((getattr(sums, name) / count).detach().float(), weight=count.float())
-
-
-class DPOModule(CausalLMModule):
-    """Preference tuning of a causal LM (DPO, IPO and TRL's other pairwise losses): LoRA adapters or every weight."""
+    PROGRESS_BAR: ClassVar[frozenset[str]] = frozenset({"loss", "reward_accuracy"})
+    loss_count_name = "pairs"
 
     def __init__(
         self,
-        beta: float = 0.1,
-        loss_type: DPOLossType = "sigmoid",
-        label_smoothing: float = 0.0,
+        loss: PreferenceLoss = DPOLoss(),  # noqa: B008 (frozen, so sharing is safe)
         precompute_ref_log_probs: bool = False,
-        learning_rate: float = 5e-6,
+        optimizer: OptimizerCallable = DPO_OPTIMIZER,  # noqa: B006 (never mutated)
+        lr_scheduler: LRSchedulerCallable | None = WARMUP_COSINE,  # noqa: B006
         **kwargs: Any,
     ) -> None:
-        """Train on pairs of answers so that the chosen one becomes likelier than the rejected, relative to a reference.
+        """Train on pairs of answers so that the chosen one becomes likelier than the rejected one.
 
         Args:
-            beta: Strength of the pull towards the reference model (IPO's tau); 0.1 is TRL's default.
-            loss_type: sigmoid (DPO), ipo, hinge, robust, exo_pair, bco_pair, nca_pair, sppo_hard, apo_zero,
-                apo_down or sigmoid_norm, with TRL's formulas.
-            label_smoothing: Probability that a pair's preference is wrong: conservative DPO with sigmoid, or the
-                robust and exo_pair losses.
+            loss: The preference loss and its settings: smolfactory.model.preference_losses.DPOLoss {beta, loss_type,
+                label_smoothing} (DPO, IPO, hinge, ... with TRL's formulas), ORPOLoss {beta} or SimPOLoss {beta,
+                gamma_beta_ratio} (both without a reference model).
             precompute_ref_log_probs: Compute the reference log-probabilities once before training, then train
                 without the reference model (full fine-tuning keeps no second copy).
-            learning_rate: Peak AdamW learning rate, reached after the warm-up.
-            **kwargs: Every other option of CausalLMModule (model_name, lora, optimizer, warmup_steps, ...).
+            optimizer: Optimizer class path and arguments (see SFTModule); weight decay on matrices only.
+            lr_scheduler: Learning-rate schedule class path, stepped every optimizer step; null keeps it constant.
+            **kwargs: The model settings every recipe shares: model_name, lora, dtype, quantization, ...
         """
-        check_loss_settings(loss_type, beta, label_smoothing)
-        super().__init__(learning_rate=learning_rate, **kwargs)
+        # Before the base builds the epoch metrics: the loss adds its own.
+        self.METRICS = PAIR_METRICS + tuple(name for name in loss.EXTRA_METRICS if name not in PAIR_METRICS)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
+        self.pair_loss = loss
+        # Plain values in hparams, so that checkpoints load with torch.load(weights_only=True).
+        if not isinstance(self.hparams.loss, dict):
+            self.hparams.loss = {"class_path": class_path(loss), "init_args": dataclasses.asdict(loss)}
+        if precompute_ref_log_probs and not loss.needs_reference:
+            raise SmolFactoryError(
+                f"model.precompute_ref_log_probs: {type(loss).__name__} uses no reference model; set it to false"
+            )
         self.reference_model: torch.nn.Module | None = None
         self._precomputing = False
-        self.train_metrics, self.val_metrics, self.test_metrics = (PreferenceMetrics() for _ in range(3))
-        # The reference model is rebuilt, never saved (on_save_checkpoint), so its keys are missing when a
-        # checkpoint loads; on_load_checkpoint checks that nothing else is.
-        self.strict_loading = False
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         super().configure_model()
+        if not self.pair_loss.needs_reference:
+            return
         path = resolve_model_path(self.hparams.model_name)
         if self.lora is not None and adapter_base_model(path) is not None:
             # Training continues an adapter: the reference is that adapter as loaded, kept frozen beside it.
@@ -119,7 +96,10 @@ class DPOModule(CausalLMModule):
                     "model.precompute_ref_log_probs: true"
                 )
             # A second model, frozen; loaded again, as the policy may already be sharded or compiled.
-            self.reference_model = self._build_model().requires_grad_(False).eval()
+            trainer = self.attached_trainer
+            self.reference_model = frozen_copy(
+                self.model_settings, None, trainer.precision if trainer is not None else None
+            )
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
@@ -147,8 +127,7 @@ class DPOModule(CausalLMModule):
     def sequence_log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """Summed log-probabilities of each sequence's trained tokens under ``model``, and per-token diagnostics."""
         hidden_states = self.final_hidden_states(model, batch)
-        causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-        tokens = label_token_log_probs(hidden_states, causal_lm.get_output_embeddings(), batch["labels"])
+        tokens = label_token_log_probs(hidden_states, causal_lm_of(model).get_output_embeddings(), batch["labels"])
         return row_sums(tokens.log_probs, batch["labels"]), tokens
 
     def reference_log_probs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,67 +136,49 @@ class DPOModule(CausalLMModule):
             log_probs, _ = self.sequence_log_probs(reference, batch)
         return log_probs.chunk(2)
 
-    def preference_sums(self, batch: dict[str, torch.Tensor]) -> PreferenceSums:
+    def batch_sums(self, batch: dict[str, torch.Tensor]) -> dict[str, Sum]:
         """The summed loss of a batch of pairs (differentiable) and the sums behind every metric."""
-        hparams, labels = self.hparams, batch["labels"]
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:  # first: switching adapters toggles requires_grad, which must not happen inside the policy's graph
-            ref_chosen, ref_rejected = self.reference_log_probs(batch)
-        log_probs, tokens = self.sequence_log_probs(self.model, batch)
-        chosen, rejected = log_probs.chunk(2)
+        labels = batch["labels"]
         trained = labels[:, 1:] != IGNORE_INDEX
         chosen_tokens, rejected_tokens = trained.sum(1).chunk(2)
-        chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
-        losses = preference_loss(
-            hparams.loss_type, chosen_logratios, rejected_logratios, hparams.beta, hparams.label_smoothing,
-            chosen_tokens, rejected_tokens,
-        )  # fmt: skip
-        rewards_chosen = hparams.beta * chosen_logratios.detach()
-        rewards_rejected = hparams.beta * rejected_logratios.detach()
+        reference = None
+        if "ref_chosen_logps" in batch:
+            reference = PairLogProbs(
+                batch["ref_chosen_logps"], batch["ref_rejected_logps"], chosen_tokens, rejected_tokens
+            )
+        elif self.pair_loss.needs_reference:
+            # First: switching adapters toggles requires_grad, which must not happen inside the policy's graph.
+            reference = PairLogProbs(*self.reference_log_probs(batch), chosen_tokens, rejected_tokens)
+        hidden_states = self.final_hidden_states(self.model, batch)
+        head = self.causal_lm.get_output_embeddings()
+        tokens = label_token_log_probs(hidden_states, head, labels)
+        chosen, rejected = row_sums(tokens.log_probs, labels).chunk(2)
+        policy = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens)
+        if self.pair_loss.needs_chosen_sequence:  # ORPO's NLL as TRL computes it: every token of the chosen rows
+            every = torch.where(batch["attention_mask"] == 1, batch["input_ids"], IGNORE_INDEX)[: chosen.shape[0]]
+            sequence = row_sums(label_token_log_probs(hidden_states[: chosen.shape[0]], head, every).log_probs, every)
+            policy = policy._replace(
+                chosen_sequence=sequence, chosen_sequence_tokens=(every[:, 1:] != IGNORE_INDEX).sum(1)
+            )
+        result = self.pair_loss(policy, reference)
+        pairs = torch.tensor(chosen.shape[0], device=chosen.device)
+        chosen_count, rejected_count = chosen_tokens.sum(), rejected_tokens.sum()
         is_chosen = trained.nonzero()[:, 0] < chosen.shape[0]  # per trained token: in a chosen sequence?
-        return PreferenceSums(
-            loss=losses.sum(),
-            pairs=torch.tensor(chosen.shape[0], device=chosen.device),
-            rewards_chosen=rewards_chosen.sum(),
-            rewards_rejected=rewards_rejected.sum(),
-            reward_accuracy=(rewards_chosen > rewards_rejected).sum(),
-            reward_margin=(rewards_chosen - rewards_rejected).sum(),
-            logps_chosen=chosen.detach().sum(),
-            logps_rejected=rejected.detach().sum(),
-            logits_chosen=tokens.mean_logits[is_chosen].sum(),
-            logits_rejected=tokens.mean_logits[~is_chosen].sum(),
-            token_accuracy=tokens.is_top1[is_chosen].sum(),
-            entropy=tokens.entropy.sum(),
-            chosen_tokens=chosen_tokens.sum(),
-            rejected_tokens=rejected_tokens.sum(),
-        )
-
-    def on_train_start(self) -> None:
-        self._step_totals = torch.zeros(len(PreferenceSums._fields), device=self.device)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """The summed loss of the micro-batch's pairs; ``on_before_optimizer_step`` makes it a mean over the step's."""
-        sums = self.preference_sums(batch)
-        self._step_totals += torch.stack([value.detach().float() for value in sums])
-        return sums.loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the gradient that of the mean loss over every pair of the step, on every rank (see CausalLMModule)."""
-        totals = PreferenceSums(*self.trainer.strategy.reduce(self._step_totals, reduce_op="sum"))
-        self.normalize_gradients(totals.loss, totals.pairs)
-        means = totals.means()
-        self.log("train_loss", means["loss"], prog_bar=True)
-        for name in METRIC_NAMES[1:]:
-            self.log(f"train_{name}", means[name], prog_bar=name == "reward_accuracy")
-        self._step_totals.zero_()
-
-    def _log_eval_loss(self, name: str, batch: dict[str, torch.Tensor]) -> None:
-        stage = name.removesuffix("_loss")
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(self.preference_sums(batch))
-        for metric_name, metric in metrics.means.items():
-            self.log(f"{stage}_{metric_name}", metric, on_step=False, on_epoch=True, prog_bar=metric_name == "loss")
+        sums = {
+            "loss": Sum(result.losses.sum(), pairs),
+            "rewards_chosen": Sum(result.rewards_chosen.sum(), pairs),
+            "rewards_rejected": Sum(result.rewards_rejected.sum(), pairs),
+            "reward_accuracy": Sum((result.rewards_chosen > result.rewards_rejected).sum(), pairs),
+            "reward_margin": Sum((result.rewards_chosen - result.rewards_rejected).sum(), pairs),
+            "logps_chosen": Sum(chosen.detach().sum(), pairs),
+            "logps_rejected": Sum(rejected.detach().sum(), pairs),
+            "logits_chosen": Sum(tokens.mean_logits[is_chosen].sum(), chosen_count),
+            "logits_rejected": Sum(tokens.mean_logits[~is_chosen].sum(), rejected_count),
+            "token_accuracy": Sum(tokens.is_top1[is_chosen].sum(), chosen_count),
+            "entropy": Sum(tokens.entropy.sum(), chosen_count + rejected_count),
+        }
+        # A loss's own metrics are per pair; they may also redefine a shared one (ORPO's per-token logps).
+        return sums | {name: Sum(values.detach().sum(), pairs) for name, values in result.extra.items()}
 
     def on_fit_start(self) -> None:
         if not self.hparams.precompute_ref_log_probs:
@@ -238,14 +199,9 @@ class DPOModule(CausalLMModule):
         finally:
             self._precomputing = False
 
-    def checkpoint_state_names(self) -> set[str]:
-        return {name for name in super().checkpoint_state_names() if not name.startswith("reference_model.")}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {
-            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("reference_model.")
-        }
+def class_path(instance: object) -> str:
+    return f"{type(instance).__module__}.{type(instance).__qualname__}"
 
 
 @contextlib.contextmanager

@@ -1,431 +1,49 @@
-"""CausalLMModule: supervised fine-tuning of a Hugging Face causal LM, with or without LoRA."""
+"""SFTModule: supervised fine-tuning of a causal LM, with or without LoRA: next-token cross-entropy on the labels."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import random
-from typing import Literal
+from typing import Any, ClassVar
 
-import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from peft import PeftModel, prepare_model_for_kbit_training
-from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from smolfactory.checkpoints import check_same_settings
-from smolfactory.errors import SmolFactoryError
-from smolfactory.model.kernels import apply_liger_kernels
-from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
-from smolfactory.model.lora import LoraSettings, apply_lora
-from smolfactory.model.loss import TokenLoss, label_token_loss
-from smolfactory.model.metrics import LanguageModelMetrics
-from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
-from smolfactory.model.sharding import is_sharded, shard_decoder_layers, unwrapped_name
+from smolfactory.model.loss import label_token_loss
+from smolfactory.model.recipe import RecipeModule, Sum
 
-# Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
-# Granite); the label-only loss calls the LM head directly and would skip that step.
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# Settings a resumed run may change: they change speed or memory, or what predict generates, not what trains.
-RESUMABLE_CHANGES = {"max_new_tokens", "gradient_checkpointing", "compile", "liger", "attn_implementation"}
+SFT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
+WARMUP_COSINE = {"class_path": "smolfactory.model.schedules.WarmupCosineLR", "init_args": {"warmup_steps": 0}}
 
 
-class CausalLMModule(L.LightningModule):
+class SFTModule(RecipeModule):
     """Supervised fine-tuning of a Hugging Face causal LM: LoRA adapters or every weight."""
+
+    METRICS = ("loss", "token_accuracy")
+    EXP_METRICS: ClassVar[dict[str, str]] = {"perplexity": "loss"}
+    loss_count_name = "tokens"
 
     def __init__(
         self,
-        model_name: str = DEFAULT_MODEL,
-        lora: LoraSettings | None = LoraSettings(),  # noqa: B008 (frozen, so sharing is safe)
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.0,
-        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
-        dtype: WeightsDtype = "float32",
-        quantization: Quantization | None = None,
-        gradient_checkpointing: bool = False,
-        compile: bool = False,
-        liger: bool = False,
-        freeze_embeddings: bool = False,
-        max_new_tokens: int = 256,
+        optimizer: OptimizerCallable = SFT_OPTIMIZER,  # noqa: B006 (never mutated)
+        lr_scheduler: LRSchedulerCallable | None = WARMUP_COSINE,  # noqa: B006
+        **kwargs: Any,
     ) -> None:
-        """Fine-tune a pretrained causal language model.
+        """Fine-tune a pretrained causal language model on the labelled tokens of its examples.
 
         Args:
-            model_name: Hub id, model or adapter folder, or builtin:smollm2-135m-instruct (also names the tokenizer).
-            lora: LoRA settings; null trains every weight. An adapter folder as model_name keeps training that adapter.
-            learning_rate: Peak AdamW learning rate, reached after the warm-up.
-            weight_decay: AdamW weight decay, applied to matrices only (not to norms or biases).
-            betas: AdamW beta coefficients.
-            optimizer: adamw (torch), or adamw_8bit (bitsandbytes: its two moments in 8 bits, a quarter of the
-                memory and checkpoint space; single device or DDP).
-            warmup_steps: Optimizer steps of linear warm-up from zero to the peak learning rate.
-            min_lr_ratio: Final learning rate of the cosine decay, as a fraction of the peak.
-            attn_implementation: Attention kernel of the transformers model: sdpa, eager or flash_attention_2.
-            dtype: Dtype the weights are stored in (float32, bfloat16, float16); trainer.precision sets the compute.
-            quantization: Quantize the frozen base weights with bitsandbytes: nf4 or fp4 (QLoRA), int8, or null.
-            gradient_checkpointing: Recompute activations in the backward pass (non-reentrant): less memory, slower.
-            compile: torch.compile the model (its weights and checkpoint keys are unchanged). The first steps
-                compile (minutes), and each new batch shape may compile again: best with packed rows.
-            liger: CUDA only: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install liger-kernel).
-            freeze_embeddings: Full fine-tuning only: keep the input embeddings (and a tied LM head) frozen.
-            max_new_tokens: Longest answer generated by `smolfactory predict` (greedy decoding).
+            optimizer: Optimizer class path and arguments, e.g. torch.optim.AdamW {lr, weight_decay, betas} or
+                bitsandbytes.optim.AdamW8bit (its two moments in 8 bits: a quarter of the memory and checkpoint
+                space); weight_decay applies to matrices only (not to norms or biases).
+            lr_scheduler: Learning-rate schedule class path, stepped every optimizer step; the default
+                smolfactory.model.schedules.WarmupCosineLR {warmup_steps, min_lr_ratio} warms up linearly, then
+                decays along a cosine. null keeps the learning rate constant.
+            **kwargs: The model settings every recipe shares: model_name, lora, dtype, quantization, ...
         """
-        super().__init__()
-        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise SmolFactoryError(
-                f"model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1], got {warmup_steps}, {min_lr_ratio}"
-            )
-        if optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise SmolFactoryError(
-                "model.optimizer: adamw_8bit needs bitsandbytes; pip install 'smolfactory[quant]' (bitsandbytes>=0.50)"
-            )
-        self.save_hyperparameters()
-        # Under LightningCLI, hparams hold the parsed config (plain dicts); keep the typed settings here,
-        # and plain dicts in hparams, so checkpoints load with torch.load(weights_only=True).
-        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
-        if self.lora is not None:
-            self.lora.check()
-            self.hparams.lora = dataclasses.asdict(self.lora)
-        self.model: PreTrainedModel | PeftModel | None = None
-        # Token-weighted epoch metrics (torchmetrics: synchronised across devices when computed).
-        self.train_metrics, self.val_metrics, self.test_metrics = (LanguageModelMetrics() for _ in range(3))
-        # LoRA checkpoints hold only the trainable weights (see on_save_checkpoint); the frozen base is rebuilt
-        # by configure_model. on_load_checkpoint checks that a checkpoint holds exactly the trainable weights, so
-        # loading without strictness skips the frozen base and nothing else.
-        self.strict_loading = self.lora is None
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs)
 
-    def configure_model(self) -> None:
-        # Lightning calls this for every stage and on load_from_checkpoint: build only once.
-        if self.model is not None:
-            return
-        self.model = self._build_model()
-        self._distribute(self.model)
-
-    def _build_model(self) -> PreTrainedModel | PeftModel:
-        """The model as configured: pretrained weights, adapters as asked, in training mode."""
-        hparams, trainer = self.hparams, self.attached_trainer
-        precision = trainer.precision if trainer is not None else None
-        check_combination(
-            precision=precision,
-            on_cuda=trainer is not None and trainer.strategy.root_device.type == "cuda",
-            weights=hparams.dtype,
-            quantization=hparams.quantization,
-            lora=self.lora is not None,
-            attn_implementation=hparams.attn_implementation,
-            freeze_embeddings=hparams.freeze_embeddings,
-            liger=hparams.liger,
-        )
-        name, path = hparams.model_name, resolve_model_path(hparams.model_name)
-        base_name = adapter_base_model(path)
-        base = self._load_base(base_name or path, precision)
-        if base_name is None:
-            model = apply_lora(base, self.lora) if self.lora is not None else base
-        else:  # an adapter folder: keep training its adapter, or merge it and train every weight
-            model = PeftModel.from_pretrained(base, path, is_trainable=True)
-            if self.lora is None:
-                model = model.merge_and_unload()
-                model.requires_grad_(True)
-        if hparams.freeze_embeddings:
-            model.get_input_embeddings().requires_grad_(False)
-        postprocessing = [key for key in LOGIT_POSTPROCESSING if getattr(model.config, key, None) not in (None, 1.0)]
-        if postprocessing:
-            raise SmolFactoryError(
-                f"model '{name}' post-processes its logits ({', '.join(postprocessing)}), which smolfactory's "
-                "label-only loss does not support yet; use a model without it (SmolLM, Qwen, Llama)"
-            )
-        return model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
-
-    def _distribute(self, model: PreTrainedModel | PeftModel) -> None:
-        """Shard the model with FSDP2 under ModelParallelStrategy, and compile it when asked."""
-        if self.device_mesh is not None:
-            causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-            shard_decoder_layers(model, causal_lm, self.device_mesh["data_parallel"])
-        if self.hparams.compile:
-            # In place (nn.Module.compile): parameter names, and so checkpoints and exports, stay as they are.
-            model.compile()
-
-    def _load_base(self, name: str, precision: str | None) -> PreTrainedModel:
-        """The pretrained model, quantized and prepared for k-bit training when asked, checkpointing on when asked."""
-        hparams = self.hparams
-        quantization = None
-        if hparams.quantization is not None:
-            quantization = bnb_config(hparams.quantization, compute_dtype(precision, hparams.dtype))
-        model = load_model(name, getattr(torch, hparams.dtype), hparams.attn_implementation, quantization)
-        if hparams.liger:
-            apply_liger_kernels(model)
-        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        if quantization is not None:
-            # peft's QLoRA preparation: norms and other small weights in float32, input gradients on.
-            return prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=hparams.gradient_checkpointing, **checkpointing
-            )
-        if hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(**checkpointing)
-        return model
-
-    @property
-    def causal_lm(self) -> PreTrainedModel:
-        """The transformers model underneath any PEFT wrapper (its layers hold the adapters)."""
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-
-    def forward(self, input_ids: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits ``[batch, seq, vocab]`` for every position."""
-        return self.model(input_ids=input_ids, **kwargs).logits
-
-    def loss_terms(self, batch: dict[str, torch.Tensor]) -> TokenLoss:
-        """Summed cross-entropy over a batch's trained tokens, how many were trained, how many predicted right."""
+    def batch_sums(self, batch: dict[str, torch.Tensor]) -> dict[str, Sum]:
+        """Summed cross-entropy over the batch's label tokens, and how many of them the model predicts right."""
         hidden_states = self.final_hidden_states(self.model, batch)
-        return label_token_loss(hidden_states, self.causal_lm.get_output_embeddings(), batch["labels"])
-
-    def final_hidden_states(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The last decoder layer's output ``[batch, seq, hidden]``, before the LM head.
-
-        The model runs through its own forward (so FSDP unshards its weights as usual) but computes no
-        logits (``logits_to_keep`` is empty); the loss then runs the LM head only where a label exists.
-        """
-        shape = batch["input_ids"].shape
-        if "position_ids" in batch and self.hparams.attn_implementation == "flash_attention_2":
-            # flash-attention finds packed examples only within one row: lay the rows end to end.
-            batch = {key: value.reshape(1, -1) for key, value in batch.items()}
-        # Packed batches carry position_ids and no attention_mask: transformers then keeps examples apart.
-        outputs = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
-            output_hidden_states=True,
+        loss_sum, tokens, correct = label_token_loss(
+            hidden_states, self.causal_lm.get_output_embeddings(), batch["labels"]
         )
-        return outputs.hidden_states[-1].reshape(*shape, -1)
-
-    def on_train_start(self) -> None:
-        # (summed loss, label tokens, correctly predicted tokens) since the last optimizer step
-        self._step_totals = torch.zeros(3, device=self.device)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """The summed loss of the micro-batch; ``on_before_optimizer_step`` turns the step's sums into a mean."""
-        loss_sum, num_tokens, num_correct = self.loss_terms(batch)
-        self._step_totals += torch.stack(
-            [loss_sum.detach(), num_tokens.to(loss_sum.dtype), num_correct.to(loss_sum.dtype)]
-        )
-        return loss_sum
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the gradient that of the mean loss over every label token of the step, and log the step."""
-        loss_sum, tokens, correct = self.trainer.strategy.reduce(self._step_totals, reduce_op="sum")
-        tokens = tokens.clamp(min=1)
-        self.normalize_gradients(loss_sum, tokens)
-        self.log("train_loss", loss_sum / tokens, prog_bar=True)
-        self.log("train_perplexity", (loss_sum / tokens).exp())
-        self.log("train_token_accuracy", correct / tokens)
-        self.log("train_tokens", tokens, reduce_fx="sum", on_step=False, on_epoch=True)
-        self._log_epoch_metrics("train", self.train_metrics, loss_sum, tokens, correct, suffix="_epoch")
-        self._step_totals.zero_()
-
-    def normalize_gradients(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Turn the accumulated gradient of summed losses into that of the mean over ``count`` items of the step.
-
-        Each micro-batch's backward ran on its summed loss divided by ``accumulate_grad_batches`` (Lightning
-        does that division), and DDP/FSDP average gradients over ranks. Multiplying by
-        ``accumulate_grad_batches * world_size / count`` leaves sum-of-losses / items-of-the-step (items are
-        label tokens, or preference pairs), so a micro-batch counts by its items, never as one equal share of a
-        mean of means. Gradient clipping runs after this hook, on the normalised gradient. ``loss_sum`` and
-        ``count`` are the step's totals over every rank.
-        """
-        count = count.clamp(min=1)
-        if not torch.isfinite(loss_sum):  # stop before the optimizer writes NaN into the weights
-            checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
-            raise SmolFactoryError(
-                f"the training loss became {(loss_sum / count).item()} at step {self.trainer.global_step + 1}; "
-                f"last good checkpoint: {checkpoint}. Lower model.learning_rate or check the data, then resume "
-                "with --ckpt_path"
-            )
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / count
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                parameter.grad.mul_(scale)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_eval_loss("val_loss", batch)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._log_eval_loss("test_loss", batch)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, list[int]]]:
-        """Greedy answers to a batch of left-padded prompts, as token ids (PredictionWriter decodes them)."""
-        prompt_length = batch["input_ids"].shape[1]
-        generated = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-        )
-        return [
-            {"prompt": prompt[mask.bool()].tolist(), "generated": answer.tolist(), "reference": reference}
-            for prompt, mask, answer, reference in zip(
-                batch["input_ids"],
-                batch["attention_mask"],
-                generated[:, prompt_length:],
-                batch["references"],
-                strict=True,
-            )
-        ]
-
-    def _log_eval_loss(self, name: str, batch: dict[str, torch.Tensor]) -> None:
-        stage = name.removesuffix("_loss")
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
-        self._log_epoch_metrics(stage, metrics, *self.loss_terms(batch))
-
-    def _log_epoch_metrics(
-        self, stage: str, metrics: LanguageModelMetrics, loss_sum: torch.Tensor, tokens: torch.Tensor,
-        correct: torch.Tensor, suffix: str = ""
-    ) -> None:  # fmt: skip
-        """Update the epoch's token-weighted metrics; Lightning computes, logs and resets them at epoch end."""
-        metrics.update(loss_sum, tokens, correct)
-        self.log(f"{stage}_loss{suffix}", metrics.loss, on_step=False, on_epoch=True, prog_bar=not suffix)
-        self.log(f"{stage}_perplexity{suffix}", metrics.perplexity, on_step=False, on_epoch=True)
-        self.log(f"{stage}_token_accuracy{suffix}", metrics.token_accuracy, on_step=False, on_epoch=True)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The latest logged values (train_loss, val_loss, ...), for the model card `smolfactory export` writes.
-        checkpoint["metrics"] = {name: float(value) for name, value in self.trainer.callback_metrics.items()}
-        # The frozen base is rebuilt from model_name: keep only what trains. Not in a sharded checkpoint
-        # (FSDP's default), whose loader reads back every weight the model has; each rank holds its shard.
-        if self.lora is not None and not is_sharded(checkpoint["state_dict"]):
-            trainable = self.checkpoint_state_names()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        # Dropout draws from these generators: a resumed run continues their streams exactly. (Plain
-        # tensors and tuples only, so that checkpoints load with torch.load(weights_only=True).)
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-        }
-
-    @property
-    def attached_trainer(self) -> L.Trainer | None:
-        """The Trainer, or None outside one (``load_from_checkpoint`` also calls ``on_load_checkpoint``)."""
-        try:
-            return self.trainer
-        except RuntimeError:
-            return None
-
-    def checkpoint_state_names(self) -> set[str]:
-        """The state-dict names a (not sharded) checkpoint of this module holds: the trainable weights under LoRA,
-        every weight otherwise."""
-        if self.lora is not None:
-            return {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
-        return {unwrapped_name(name) for name in self.state_dict(keep_vars=True)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another run: other training settings (when resuming fit), or other weights."""
-        trainer = self.attached_trainer
-        if trainer is not None and trainer.state.fn == "fit":
-            saved = checkpoint.get("hyper_parameters") or {}
-            check_same_settings(saved, dict(self.hparams), "model", RESUMABLE_CHANGES, trainer.ckpt_path)
-        state = checkpoint.get("state_dict")
-        # A sharded checkpoint is read back into every weight by the strategy's own loader, which checks names.
-        sharding = trainer is not None and isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy)
-        if state is not None and not sharding and not is_sharded(state):
-            self._check_checkpoint_weights(state)
-        # Restored just before the next training batch, after Lightning has set up the loops and loaders.
-        self._rng_states_to_restore = checkpoint.get("rng_states")
-
-    def _check_checkpoint_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """One line, not a state-dict traceback or a silent fresh start, when a checkpoint's weights are not
-        exactly what this module trains (another LoRA rank or target, another model)."""
-        expected, own = self.checkpoint_state_names(), self.state_dict(keep_vars=True)
-        problems = []
-        missing, unused = expected - state.keys(), state.keys() - expected
-        for kind, names in (("missing from it", missing), ("not in this model", unused)):
-            if names:
-                problems.append(f"{len(names)} weights {kind} (such as {min(names)})")
-        resized = sorted(name for name in expected & state.keys() if own[name].shape != state[name].shape)
-        if resized:
-            name = resized[0]
-            problems.append(
-                f"{len(resized)} weights of another shape (such as {name}: {list(state[name].shape)} there, "
-                f"{list(own[name].shape)} here)"
-            )
-        if problems:
-            trainer = self.attached_trainer
-            source = f"--ckpt_path {trainer.ckpt_path}" if trainer is not None else "the checkpoint"
-            raise SmolFactoryError(
-                f"{source} does not fit this model: {'; '.join(problems)}. It was saved with other model.lora or "
-                "model.model_name settings: use the settings it was saved with, or another checkpoint"
-            )
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
-        if states is None:
-            return
-        torch.set_rng_state(states["torch"])
-        if states["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
-        random.setstate(states["python"])
-
-    def configure_optimizers(self) -> dict:
-        decay, no_decay = [], []
-        for parameter in self.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if self.hparams.optimizer == "adamw_8bit":
-            from bitsandbytes.optim import AdamW8bit
-
-            optimizer = AdamW8bit(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas)
-        else:
-            # A loss scaler (16-mixed) must unscale before clipping, which the fused kernel does only inside step().
-            scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-            fused = None if scaled else fused_adamw_applies(decay + no_decay)
-            optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=self.hparams.betas, fused=fused)
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, self.hparams.warmup_steps, self._total_steps(), min_lr_rate=self.hparams.min_lr_ratio
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:  # fmt: skip
-        """Clip under every precision and strategy, where Lightning's default refuses two cases.
-
-        Under bf16-mixed Lightning refuses any optimizer that unscales gradients itself (torch's fused AdamW),
-        though bf16 has no loss scaler to undo; and FSDPStrategy cannot clip by norm through the precision
-        plugin, only through the root FSDP module, which alone sees every shard.
-        """
-        if not gradient_clip_val:
-            return
-        strategy, precision = self.trainer.strategy, self.trainer.precision_plugin
-        by_norm = gradient_clip_algorithm in (None, "norm")
-        if isinstance(strategy, FSDPStrategy) and by_norm:
-            strategy.model.clip_grad_norm_(gradient_clip_val)
-        elif isinstance(precision, MixedPrecision) and precision.scaler is None:
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            clip = torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
-            clip(parameters, gradient_clip_val)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def _total_steps(self) -> int:
-        if self.trainer.max_steps > 0:
-            return self.trainer.max_steps
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise SmolFactoryError("the cosine schedule needs a length: set trainer.max_steps or trainer.max_epochs")
-        return int(total)
-
-
-def fused_adamw_applies(parameters: list[torch.Tensor]) -> bool | None:
-    """True where torch's fused AdamW kernel takes these parameters (plain floating tensors on the CPU or
-    CUDA); None (torch's own choice: foreach or a loop) for sharded DTensors and other devices."""
-    plain = (type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda") for p in parameters)
-    return all(plain) and all(p.is_floating_point() for p in parameters) or None
+        return {"loss": Sum(loss_sum, tokens), "token_accuracy": Sum(correct, tokens)}

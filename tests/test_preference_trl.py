@@ -1,4 +1,5 @@
-"""DPOModule against TRL's DPOTrainer: same tiny model, same batch, same beta; loss and metrics equal to 1e-5.
+"""DPOModule against TRL: every preference loss (DPO's variants against DPOTrainer, ORPO against ORPOTrainer, SimPO
+against CPOTrainer), same tiny model, same batch, same settings; loss and metrics equal to 1e-5.
 
 The policy differs from the reference (seeded noise on the LoRA matrices, or on every weight for full
 fine-tuning), so that rewards, margins and accuracies are not all zero. Runs when TRL is installed (the
@@ -12,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from smolfactory import DPOModule, LoraSettings, PreferenceDataModule
-from smolfactory.model.dpo_loss import DPOLossType
+from smolfactory.model.preference_losses import DPOLoss, DPOLossType, ORPOLoss, PreferenceLoss, SimPOLoss
+from tests import trl_reference
 from tests.conftest import write_jsonl
 
 trl = pytest.importorskip("trl")
@@ -91,9 +93,9 @@ def trl_trainer(model_dir: str, tmp_path, lora: bool, loss_type: str = "sigmoid"
     )
 
 
-def perturbed_module(model_dir: str, lora: bool) -> DPOModule:
+def perturbed_module(model_dir: str, lora: bool, loss: PreferenceLoss = DPOLoss(BETA)) -> DPOModule:  # noqa: B008
     """Our module, its policy moved away from the reference by seeded noise."""
-    module = DPOModule(model_name=model_dir, lora=LoraSettings(r=8, alpha=16) if lora else None, beta=BETA)
+    module = DPOModule(model_name=model_dir, lora=LoraSettings(r=8, alpha=16) if lora else None, loss=loss)
     module.configure_model()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -125,12 +127,12 @@ def trl_metrics(trainer, module: DPOModule, batch: dict[str, torch.Tensor]) -> d
 
 def our_metrics(module: DPOModule, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     module.model.train()
-    return {name: value.item() for name, value in module.preference_sums(batch).means().items()}
+    return {name: value.item() for name, value in module.means(module.batch_sums(batch)).items()}
 
 
-def assert_same(trl_values: dict[str, float], ours: dict[str, float]) -> None:
+def assert_same(trl_values: dict[str, float], ours: dict[str, float], names: dict[str, str] = METRICS) -> None:
     assert ours["loss"] == pytest.approx(trl_values["loss"], abs=1e-5, rel=1e-5)
-    for trl_name, name in METRICS.items():
+    for trl_name, name in names.items():
         assert ours[name] == pytest.approx(trl_values[trl_name], abs=1e-5, rel=1e-5), name
     assert abs(ours["reward_margin"]) > 0.01  # the policy is off the reference: the comparison is not of zeros
 
@@ -149,16 +151,43 @@ LOSS_TYPES: list[tuple[str, float]] = [
     ("sigmoid_norm", 0.0),
 ]
 assert {name for name, _ in LOSS_TYPES} == set(DPOLossType.__args__)
+# One case per loss: every DPO variant, ORPO and SimPO (the reference-free two against TRL's ORPO and CPO trainers).
+LOSSES = [pytest.param(DPOLoss(BETA, name, smoothing), id=name) for name, smoothing in LOSS_TYPES] + [
+    pytest.param(ORPOLoss(beta=0.25), id="orpo"),
+    pytest.param(SimPOLoss(beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.1), id="simpo"),
+]
 
 
-def test_lora_dpo_equals_trl_for_every_loss(tiny_model_dir, pairs_file, tmp_path):
+def trl_reference_for(loss, model_dir: str, tmp_path) -> tuple[object, dict[str, str]]:
+    """TRL's trainer for this loss, and which of its metrics to compare (its names -> ours).
+
+    ORPO's and CPO's logits/chosen and logits/rejected average the vocabulary logits over every position of the
+    padded rows, prompt and padding included, which needs the whole [rows x positions x vocabulary] tensor that
+    smolfactory never builds: ours are the mean over the answer's trained tokens, as for DPO, so they are left out.
+    """
+    if isinstance(loss, DPOLoss):
+        trainer = trl_trainer(model_dir, tmp_path, lora=True)
+        trainer.loss_types, trainer.label_smoothing = [loss.loss_type], loss.label_smoothing
+        return trainer, METRICS
+    if isinstance(loss, ORPOLoss):
+        names = {trl: ours for trl, ours in trl_reference.ORPO_METRICS.items() if not trl.startswith("logits/")}
+        return trl_reference.orpo_trainer(model_dir, tmp_path, beta=loss.beta), names
+    trainer = trl_reference.simpo_trainer(model_dir, tmp_path, loss.beta, loss.gamma_beta_ratio, loss.label_smoothing)
+    # cpo_alpha=0: TRL computes no NLL and logs a constant 0.
+    names = {trl: ours for trl, ours in trl_reference.METRICS.items() if not trl.startswith("logits/")}
+    return trainer, {trl: ours for trl, ours in names.items() if trl != "nll_loss"}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_lora_preference_loss_equals_trl(loss, tiny_model_dir, pairs_file, tmp_path):
     _, batch = our_batch(tiny_model_dir, pairs_file)
-    module = perturbed_module(tiny_model_dir, lora=True)
-    trainer = trl_trainer(tiny_model_dir, tmp_path, lora=True)
-    for loss_type, label_smoothing in LOSS_TYPES:
-        trainer.loss_types, trainer.label_smoothing = [loss_type], label_smoothing
-        module.hparams.loss_type, module.hparams.label_smoothing = loss_type, label_smoothing
-        assert_same(trl_metrics(trainer, module, batch), our_metrics(module, batch))
+    module = perturbed_module(tiny_model_dir, lora=True, loss=loss)
+    trainer, names = trl_reference_for(loss, tiny_model_dir, tmp_path)
+    if isinstance(loss, DPOLoss):
+        trl_values = trl_metrics(trainer, module, batch)
+    else:
+        trl_values = trl_reference.trl_metrics(trainer, module.model, batch)
+    assert_same(trl_values, our_metrics(module, batch), names)
 
 
 def test_conservative_dpo_mixes_the_loss_of_the_pair_and_of_the_swapped_pair(tiny_model_dir, pairs_file, tmp_path):
@@ -168,7 +197,7 @@ def test_conservative_dpo_mixes_the_loss_of_the_pair_and_of_the_swapped_pair(tin
     trainer = trl_trainer(tiny_model_dir, tmp_path, lora=True)
     swapped = {key: torch.cat(value.chunk(2)[::-1]) for key, value in batch.items()}
     plain, reversed_ = (trl_metrics(trainer, module, b)["loss"] for b in (batch, swapped))
-    module.hparams.label_smoothing = 0.1
+    module.pair_loss = DPOLoss(BETA, "sigmoid", 0.1)  # the same policy (its LoRA init drew from the global RNG)
     assert our_metrics(module, batch)["loss"] == pytest.approx(0.9 * plain + 0.1 * reversed_, rel=1e-5)
 
 

@@ -1,0 +1,138 @@
+"""Build a trainable model from its settings: load, quantize, add kernels and adapters, then shard and compile.
+
+``build_model`` needs no Trainer, so a notebook gets exactly the model a recipe trains::
+
+    from smolfactory.model.build import ModelSettings, build_model
+    from smolfactory.model.lora import LoraSettings
+
+    model = build_model(ModelSettings("HuggingFaceTB/SmolLM2-135M-Instruct"), LoraSettings(r=8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import PeftModel, prepare_model_for_kbit_training
+from torch.distributed.device_mesh import DeviceMesh
+from transformers import PreTrainedModel
+
+from smolfactory.errors import SmolFactoryError
+from smolfactory.model.kernels import apply_liger_kernels
+from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
+from smolfactory.model.lora import LoraSettings, apply_lora
+from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
+from smolfactory.model.sharding import shard_decoder_layers
+
+# Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
+# Granite); the label-only loss calls the LM head directly and would skip that step.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which pretrained model, and how it is loaded and run (the recipes' model_name, dtype, ... keys)."""
+
+    name: str = DEFAULT_MODEL
+    """Hub id, model or adapter folder, or builtin:smollm2-135m-instruct."""
+    dtype: WeightsDtype = "float32"
+    """Dtype the weights are stored in; trainer.precision sets the compute."""
+    quantization: Quantization | None = None
+    """Quantize the frozen base weights with bitsandbytes: nf4 or fp4 (QLoRA), int8, or None."""
+    attn_implementation: AttnImplementation = "sdpa"
+    """Attention kernel of the transformers model."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant)."""
+    liger: bool = False
+    """Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA only)."""
+    freeze_embeddings: bool = False
+    """Full fine-tuning only: keep the input embeddings (and a tied LM head) frozen."""
+    compile: bool = False
+    """torch.compile the model in place (parameter names unchanged)."""
+
+
+def build_model(
+    settings: ModelSettings,
+    lora: LoraSettings | None,
+    precision: str | None = None,
+    on_cuda: bool = False,
+    device_mesh: DeviceMesh | None = None,
+) -> PreTrainedModel | PeftModel:
+    """The model as configured, in training mode: pretrained weights, quantized, with kernels and adapters.
+
+    Args:
+        settings: The model and how to load it.
+        lora: New adapters on a base model (or, for an adapter folder, keep training that adapter); None trains
+            every weight (an adapter folder is then merged into its base first).
+        precision: The Trainer's precision (it decides the quantized layers' compute dtype); None outside a Trainer.
+        on_cuda: Whether the model will run on a CUDA device (some kernels exist only there).
+        device_mesh: Shard every decoder layer with FSDP2 over its ``data_parallel`` dimension.
+    """
+    check_combination(
+        precision=precision,
+        on_cuda=on_cuda,
+        weights=settings.dtype,
+        quantization=settings.quantization,
+        lora=lora is not None,
+        attn_implementation=settings.attn_implementation,
+        freeze_embeddings=settings.freeze_embeddings,
+        liger=settings.liger,
+    )
+    path = resolve_model_path(settings.name)
+    base_name = adapter_base_model(path)
+    base = load_base(settings, base_name or path, precision)
+    if base_name is None:
+        model = apply_lora(base, lora) if lora is not None else base
+    else:  # an adapter folder: keep training its adapter, or merge it and train every weight
+        model = PeftModel.from_pretrained(base, path, is_trainable=True)
+        if lora is None:
+            model = model.merge_and_unload()
+            model.requires_grad_(True)
+    if settings.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    postprocessing = [key for key in LOGIT_POSTPROCESSING if getattr(model.config, key, None) not in (None, 1.0)]
+    if postprocessing:
+        raise SmolFactoryError(
+            f"model '{settings.name}' post-processes its logits ({', '.join(postprocessing)}), which smolfactory's "
+            "label-only loss does not support yet; use a model without it (SmolLM, Qwen, Llama)"
+        )
+    model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
+    if device_mesh is not None:
+        shard_decoder_layers(model, causal_lm_of(model), device_mesh["data_parallel"])
+    if settings.compile:
+        # In place (nn.Module.compile): parameter names, and so checkpoints and exports, stay as they are.
+        model.compile()
+    return model
+
+
+def load_base(settings: ModelSettings, name: str, precision: str | None) -> PreTrainedModel:
+    """The pretrained model, quantized and prepared for k-bit training when asked, checkpointing on when asked."""
+    quantization = None
+    if settings.quantization is not None:
+        quantization = bnb_config(settings.quantization, compute_dtype(precision, settings.dtype))
+    model = load_model(name, getattr(torch, settings.dtype), settings.attn_implementation, quantization)
+    if settings.liger:
+        apply_liger_kernels(model)
+    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if quantization is not None:
+        # peft's QLoRA preparation: norms and other small weights in float32, input gradients on.
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing, **checkpointing
+        )
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(**checkpointing)
+    return model
+
+
+def frozen_copy(settings: ModelSettings, lora: LoraSettings | None, precision: str | None) -> torch.nn.Module:
+    """A second copy of the model as loaded, frozen and in eval mode (a reference model); never compiled."""
+    model = build_model(dataclasses.replace(settings, compile=False), lora, precision)
+    return model.requires_grad_(False).eval()
+
+
+def causal_lm_of(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """The transformers model underneath any PEFT wrapper (its layers hold the adapters)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
