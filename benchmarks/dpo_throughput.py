@@ -31,7 +31,8 @@ def smolfactory_run(model: str, data: str, steps: int, batch_size: int) -> dict:
             if trainer.global_step == 1 and not hasattr(self, "start"):
                 self.start = time.perf_counter()
 
-    module = DPOModule(model_name=model, lora=LoraSettings(r=16, alpha=32), learning_rate=LEARNING_RATE)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LEARNING_RATE, "weight_decay": 0.0}}
+    module = DPOModule(model_name=model, lora=LoraSettings(r=16, alpha=32), optimizer=optimizer)
     datamodule = PreferenceDataModule(tokenizer=model, dataset=data, val_split=0, batch_size=batch_size, max_length=256)
     clock = Clock()
     trainer = L.Trainer(

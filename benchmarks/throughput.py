@@ -124,8 +124,9 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     L.seed_everything(0)
     lora = None if args.full else LoraSettings(r=16, alpha=32, dropout=0.0)
-    module = SFTModule(model_name=args.model, lora=lora, learning_rate=LEARNING_RATE, lr_scheduler=None,
-                            gradient_checkpointing=checkpointing)  # fmt: skip
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LEARNING_RATE, "weight_decay": 0.0}}
+    module = SFTModule(model_name=args.model, lora=lora, optimizer=optimizer, lr_scheduler=None,
+                       gradient_checkpointing=checkpointing)  # fmt: skip
     data = SFTDataModule(tokenizer=args.model, dataset=str(path), val_split=0, max_length=args.max_length,
                          batch_size=args.batch_size, packing=packing)  # fmt: skip
     throughput, memory = TokenThroughput(), TrainingMemory(args.device)

@@ -56,7 +56,11 @@ def small_model(tokenizer_folder: str, folder: str) -> str:
 def train(model: str, args: argparse.Namespace, precision: str, packing: bool, accumulate: int, batch_size: int,
           steps: int, lora: bool) -> tuple[list[float], dict, float]:  # fmt: skip
     L.seed_everything(0)
-    module = FirstGradients(model_name=model, lora={"r": 16} if lora else None, optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}})
+    module = FirstGradients(
+        model_name=model,
+        lora={"r": 16} if lora else None,
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}},
+    )
     datamodule = SFTDataModule(
         tokenizer=model, dataset="builtin:quickstart", val_split=0, batch_size=batch_size, packing=packing
     )

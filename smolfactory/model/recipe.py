@@ -18,6 +18,7 @@ builds the optimizer and schedule from their class paths, and generates for ``pr
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import random
 from typing import Any, ClassVar, NamedTuple
@@ -384,13 +385,13 @@ class RecipeModule(L.LightningModule):
         # The first group takes the optimizer's own weight_decay; norms and biases none.
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         config = self.hparams.optimizer
-        if config["class_path"] in ("torch.optim.AdamW", "torch.optim.adamw.AdamW"):
+        if import_class(config["class_path"]) is torch.optim.AdamW:
             config = with_fused_adamw(config, decay + no_decay, self.trainer.precision_plugin)
         optimizer = instantiate_class(groups, config)
         if self.hparams.lr_scheduler is None:
             return {"optimizer": optimizer}
         config = self.hparams.lr_scheduler
-        scheduler_class = import_class(config["class_path"])
+        scheduler_class = import_class(config["class_path"], "model.lr_scheduler")
         if "total_steps" in inspect.signature(scheduler_class).parameters:
             if config.get("init_args", {}).get("total_steps") is None:
                 config = {**config, "init_args": {**config.get("init_args", {}), "total_steps": self.total_steps()}}
@@ -444,22 +445,28 @@ def class_config(value: Any, option: str) -> ClassConfig:
     """An optimizer or schedule setting as ``{"class_path", "init_args"}`` (what LightningCLI parses it into), from
     that dict, a class, or ``functools.partial(cls, **init_args)``; plain values, so checkpoints stay loadable."""
     if isinstance(value, dict) and "class_path" in value:
-        return {"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})}
-    if isinstance(value, type):
-        return {"class_path": f"{value.__module__}.{value.__qualname__}", "init_args": {}}
-    func = getattr(value, "func", None)
-    if isinstance(func, type) and not getattr(value, "args", ()):
-        return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": dict(value.keywords)}
-    raise SmolFactoryError(
-        f"{option}: give a class path and its arguments, e.g. {{class_path: torch.optim.AdamW, init_args: "
-        f"{{lr: 2.0e-4}}}}, not {value!r}"
-    )
+        config = {"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})}
+    elif isinstance(value, type):
+        config = {"class_path": f"{value.__module__}.{value.__qualname__}", "init_args": {}}
+    elif isinstance(getattr(value, "func", None), type) and not getattr(value, "args", ()):
+        config = {"class_path": f"{value.func.__module__}.{value.func.__qualname__}", "init_args": dict(value.keywords)}
+    else:
+        raise SmolFactoryError(
+            f"{option}: give a class path and its arguments, e.g. {{class_path: torch.optim.AdamW, init_args: "
+            f"{{lr: 2.0e-4}}}}, not {value!r}"
+        )
+    import_class(config["class_path"], option)  # a missing package fails now, in one line, not at the first step
+    return config
 
 
-def import_class(class_path: str) -> type:
+def import_class(class_path: str, option: str = "class_path") -> type:
     """The class a dotted class path names."""
     module_name, _, name = class_path.rpartition(".")
-    return getattr(__import__(module_name, fromlist=[name]), name)
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        hint = " (pip install 'smolfactory[quant]')" if module_name.startswith("bitsandbytes") else ""
+        raise SmolFactoryError(f"{option}: cannot import {class_path} ({error}){hint}") from error
 
 
 def with_fused_adamw(config: ClassConfig, parameters: list[torch.Tensor], precision: Any) -> ClassConfig:
