@@ -18,7 +18,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from smolfactory import chat, checkpoint_export, plot
+from smolfactory import chat, export, plot
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
@@ -114,7 +114,7 @@ class SmolFactoryCLI(LightningCLI):
 
 
 # Not Trainer subcommands: no training config, each with its own few options.
-STANDALONE_COMMANDS = {"export": checkpoint_export.main, "chat": chat.main, "plot": plot.main}
+STANDALONE_COMMANDS = {"export": export.main, "chat": chat.main, "plot": plot.main}
 
 
 def main(args: list[str] | None = None) -> None:
