@@ -134,10 +134,12 @@ def main(args: list[str] | None = None) -> None:
         else:
             SmolFactoryCLI(args=args)
     except Exception as error:
-        # jsonargparse wraps errors raised while it builds a class (a subclass-mode model or data module).
-        cause = error
+        # jsonargparse raises its own error *from* the one a class it builds (a subclass-mode model or data
+        # module) raised. Only such explicit causes count: an error raised while handling a SmolFactoryError
+        # (its __context__) is another problem, a bug, and keeps its traceback.
+        cause: BaseException | None = error
         while cause is not None and not isinstance(cause, SmolFactoryError):
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
