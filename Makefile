@@ -1,11 +1,13 @@
 # make quickstart   install into .venv and fine-tune the built-in model (outputs/quickstart/final)
 # make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite
+# make test-fast    lint + the tests not marked slow (skips the real-model and notebook runs, the 2-process
+#                   DDP/FSDP runs, SIGTERM and kill -9 from outside, torch.compile)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart dpo-quickstart test lint format clean
+.PHONY: install quickstart dpo-quickstart test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +31,9 @@ dpo-quickstart: install
 
 test: install lint
 	$(BIN)/python -m pytest -q
+
+test-fast: install lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

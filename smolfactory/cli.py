@@ -18,7 +18,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from smolfactory import chat, checkpoint_export, plot
+from smolfactory import chat, export, plot
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
@@ -116,7 +116,7 @@ class SmolFactoryCLI(LightningCLI):
 
 
 # Not Trainer subcommands: no training config, each with its own few options.
-STANDALONE_COMMANDS = {"export": checkpoint_export.main, "chat": chat.main, "plot": plot.main}
+STANDALONE_COMMANDS = {"export": export.main, "chat": chat.main, "plot": plot.main}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -136,10 +136,12 @@ def main(args: list[str] | None = None) -> None:
         else:
             SmolFactoryCLI(args=args)
     except Exception as error:
-        # jsonargparse wraps errors raised while it builds a class (a subclass-mode model or data module).
-        cause = error
+        # jsonargparse raises its own error *from* the one a class it builds (a subclass-mode model or data
+        # module) raised. Only such explicit causes count: an error raised while handling a SmolFactoryError
+        # (its __context__) is another problem, a bug, and keeps its traceback.
+        cause: BaseException | None = error
         while cause is not None and not isinstance(cause, SmolFactoryError):
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)

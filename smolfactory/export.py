@@ -1,15 +1,55 @@
-"""Write a trained module as a standard Hugging Face folder, and single files, atomically."""
+"""Everything that writes a trained model out: Hugging Face folders, written atomically, from a running fit or
+from a checkpoint, with a model card, optionally uploaded to the Hub; and the `smolfactory export` command.
+
+smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill [--merge]
+    [--push_to_hub owner/name]
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from peft import PeftModel, get_peft_model
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from smolfactory.errors import SmolFactoryError, first_line
+
+if TYPE_CHECKING:
+    pass
+
+# The file Lightning's sharded checkpoints hold beside the shards: everything but the weights and optimizer states.
+LIGHTNING_META_FILE = "meta.pt"
+
+
+# --- Files written atomically -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A hidden staging path beside ``path`` to write to; renamed onto ``path`` when the block ends without an
+    error, removed otherwise, so ``path`` never holds a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def save_pretrained_folder(
@@ -52,15 +92,247 @@ def save_pretrained_folder(
     return path
 
 
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """A hidden staging path beside ``path`` to write to; renamed onto ``path`` when the block ends without an
-    error, removed otherwise, so ``path`` never holds a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+# --- From a running fit (the HFExport callback) -----------------------------------------------------------------
+
+
+def save_trained_model(
+    strategy: Strategy, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path
+) -> Path | None:
+    """Write the model a fit trained to ``path``; every rank must call this, rank 0 writes and returns the path.
+
+    Under a sharding strategy (FSDP2, FSDP) the ranks first gather the full weights together. Only rank 0's
+    ``tokenizer`` is used (the other ranks may pass None).
+    """
+    state_dict = None
+    if isinstance(strategy, ModelParallelStrategy | FSDPStrategy):
+        state_dict = gather_full_state_dict(strategy, model)
+    if not strategy.is_global_zero:
+        return None
+    if isinstance(strategy, FSDPStrategy) and isinstance(model, PeftModel):
+        # FSDP's wrappers put "_fsdp_wrapped_module." into the module names from which peft picks the
+        # adapter's weights out of a state dict; a wrapper-free copy names them as the gathered weights are.
+        model = adapter_skeleton(model)
+    return save_pretrained_folder(model, tokenizer, path, state_dict=state_dict)
+
+
+def gather_full_state_dict(strategy: ModelParallelStrategy | FSDPStrategy, model: torch.nn.Module) -> dict:
+    """The full weights of a sharded model (FSDP2 or FSDP), named as in `model`; every rank must call this.
+
+    The strategy's root is the LightningModule, so its state dict names the weights "model.<name>". Off the
+    CPU the gathered tensors go to host memory on rank 0 only (the others get nothing); on the CPU that offload
+    is skipped, as FSDP's copy of a CPU tensor to the CPU crashes.
+    """
+    offload = strategy.root_device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    gathered = get_model_state_dict(strategy.model, options=options)
+    prefix = "model."
+    state_dict = {name[len(prefix) :]: value for name, value in gathered.items() if name.startswith(prefix)}
+    return without_tied_copies(model, state_dict)
+
+
+def adapter_skeleton(model: PeftModel) -> PeftModel:
+    """The same base architecture and adapter on the meta device (no memory, no weights), unwrapped."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(model.get_base_model().config)
+    return get_peft_model(base, model.peft_config[model.active_adapter])
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """Drop the second name of each tied weight (lm_head.weight when it is the embeddings), as save_pretrained does.
+
+    A gathered state dict holds a separate tensor under every name, so transformers can no longer see the tie.
+    """
+    first_name: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(parameter), name)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if first_name[id(p)] != name}
+    return {name: value for name, value in state_dict.items() if name not in tied}
+
+
+# --- From a checkpoint ------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = False) -> Path:
+    """Rebuild the model a checkpoint was saved from, load its weights, and write a Hugging Face folder.
+
+    With ``merge`` a LoRA checkpoint's adapters are folded into the base weights (a plain model folder);
+    without it the folder holds the adapter alone, as peft saves it.
+    """
+    saved = read_checkpoint(Path(checkpoint))
+    hparams = saved.get("hyper_parameters") or {}
+    # Imported here, as in _tokenizer: smolfactory.model and smolfactory.data import this module.
+    from smolfactory.model.recipe import model_from_checkpoint
+
+    model = model_from_checkpoint(saved)
+    if merge and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    data = saved.get("datamodule_hyper_parameters") or {}
+    tokenizer = _tokenizer(hparams.get("model_name"), data.get("chat_template"))
+    card = model_card(hparams, data, saved, merged=merge and bool(hparams.get("lora")))
+    return save_pretrained_folder(model, tokenizer, output, card=card)
+
+
+def _tokenizer(model_name: str, chat_template: str | None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with the chat template the data module trained with when it set one."""
+    from smolfactory.data.templates import resolve_chat_template
+    from smolfactory.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    return tokenizer
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict: a .ckpt file, or a sharded (FSDP) folder gathered in this process."""
+    if path.is_dir() and not (path / ".metadata").is_file():
+        raise SmolFactoryError(
+            f"{path} is a folder without .metadata, so not a sharded checkpoint; pass a .ckpt file or the folder "
+            "a sharded (FSDP) run saved"
+        )
     try:
-        yield staging
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+        if path.is_dir():
+            return read_sharded_checkpoint(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise SmolFactoryError(f"could not read checkpoint {path} ({first_line(error)})") from error
+
+
+def read_sharded_checkpoint(folder: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder (Lightning's FSDPStrategy or ModelParallelStrategy) as the dict a .ckpt holds.
+
+    The same dict as Lightning's consolidation (``python -m lightning.pytorch.utilities.consolidate_checkpoint``):
+    the shards gathered into full tensors, then ``meta.pt`` (epoch, loops, hyper-parameters, ...) on top. The
+    whole checkpoint must fit in CPU memory, and one copy of it is written to the temporary folder (TMPDIR).
+    """
+    with tempfile.TemporaryDirectory(prefix="smolfactory-checkpoint-") as scratch:
+        # torch's public converter gathers the shards into one torch.save file, read back at once.
+        consolidated = Path(scratch) / "consolidated.pt"
+        dcp_to_torch_save(folder, consolidated)
+        saved = torch.load(consolidated, map_location="cpu", weights_only=True)
+    meta = folder / LIGHTNING_META_FILE
+    if meta.is_file():
+        saved.update(torch.load(meta, map_location="cpu", weights_only=True))
+    return with_checkpoint_keys(saved)
+
+
+def with_checkpoint_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """Rename a sharded folder's top-level keys to a .ckpt's, in place: "model" (FSDPStrategy's name for the
+    weights; ModelParallelStrategy's is already "state_dict") to "state_dict", and "optimizer_0", "optimizer_1",
+    ... to the list "optimizer_states"."""
+    if "model" in saved:
+        saved["state_dict"] = saved.pop("model")
+    count = sum(1 for key in saved if re.fullmatch(r"optimizer_[0-9]+", key))
+    if count:
+        saved["optimizer_states"] = [saved.pop(f"optimizer_{index}") for index in range(count)]
+    return saved
+
+
+def described(config: dict[str, Any] | None) -> str:
+    """A class-path setting in a line: ``AdamW8bit (lr=0.001, weight_decay=0.0)``."""
+    if not config:
+        return ""
+    arguments = ", ".join(f"{key}={value}" for key, value in (config.get("init_args") or {}).items())
+    return f"{config['class_path'].rsplit('.', 1)[-1]} ({arguments})"
+
+
+def model_card(hparams: dict[str, Any], data: dict[str, Any], saved: dict[str, Any], merged: bool) -> str:
+    """A README.md: what was trained from what, on which data, with which settings, and how it ended."""
+    lora = hparams.get("lora")
+    if lora:
+        method = f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, on {lora['target_modules']}"
+        method += " (DoRA)" if lora.get("use_dora") else ""
+        method += ", merged into the base weights" if merged else ", saved as a PEFT adapter"
+    else:
+        method = "full fine-tuning"
+    if hparams.get("quantization"):
+        method += f", base quantized to {hparams['quantization']} during training"
+    if hparams.get("loss"):  # a DPOModule checkpoint
+        method = f"preference tuning ({described(hparams['loss'])}), {method}"
+    rows = {
+        "base model": f"`{hparams.get('model_name')}`",
+        "method": method,
+        "dataset": f"`{data.get('dataset', 'unknown')}` (format {data.get('format', 'auto')})",
+        "trained tokens": data.get("train_on", "assistant"),
+        "max length": data.get("max_length"),
+        "packing": data.get("packing"),
+        "batch size (per device)": data.get("batch_size"),
+        "optimizer": described(hparams.get("optimizer")),
+        "learning-rate schedule": described(hparams.get("lr_scheduler")) or "constant",
+        "optimizer steps": saved.get("global_step"),
+        "epochs started": saved.get("epoch", 0) + 1,
+    }
+    metrics = saved.get("metrics") or {}
+    for name in sorted(metrics):
+        rows[f"final {name}"] = f"{metrics[name]:.4f}"
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    loader = "AutoModelForCausalLM" if merged or not hparams.get("lora") else "AutoPeftModelForCausalLM"
+    package = "transformers" if loader == "AutoModelForCausalLM" else "peft"
+    return f"""---
+library_name: {"transformers" if package == "transformers" else "peft"}
+tags: [smolfactory, lightning]
+---
+
+# Fine-tuned with smolfactory
+
+| | |
+|---|---|
+{table}
+
+```python
+from {package} import {loader}
+from transformers import AutoTokenizer
+
+model = {loader}.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+"""
+
+
+# --- The Hub ----------------------------------------------------------------------------------------------------
+
+
+def require_token(option: str) -> str:
+    """The Hub token, or a one-line error naming ``option``; called before any training or export work."""
+    token = get_token()
+    if not token:
+        raise SmolFactoryError(
+            f"{option} needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN "
+            "(nothing was trained or uploaded)"
+        )
+    return token
+
+
+def push_folder(folder: str | Path, repo_id: str, option: str = "push_to_hub") -> str:
+    """Create the model repo if needed and upload the folder's files in one commit; returns the repo's URL."""
+    api = HfApi(token=require_token(option))
+    try:
+        url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload from smolfactory")
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise SmolFactoryError(
+            f"could not upload {folder} to the Hub repo '{repo_id}' ({first_line(error)}); the folder is saved "
+            "locally, so retry with smolfactory export or `hf upload`"
+        ) from error
+    return str(url)
+
+
+# --- The `smolfactory export` command ---------------------------------------------------------------------------
+
+
+def main(args: list[str]) -> None:
+    """`smolfactory export`: parse its options, write the folder, upload it when asked."""
+    parser = argparse.ArgumentParser(
+        prog="smolfactory export", description="A Lightning checkpoint to a Hugging Face folder, with a model card."
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded folder written by smolfactory fit")
+    parser.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    parser.add_argument("--merge", action="store_true", help="fold LoRA adapters into the base weights")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload the written folder to this Hub repo (owner/name)")
+    options = parser.parse_args(args)
+    if options.push_to_hub:
+        require_token("--push_to_hub")  # before any work
+    path = export_checkpoint(options.checkpoint, options.output, options.merge)
+    print(f"Wrote {path} (load it with from_pretrained)")
+    if options.push_to_hub:
+        print(f"Uploaded {path} to {push_folder(path, options.push_to_hub, '--push_to_hub')}")

@@ -9,12 +9,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
+import lightning as L
 import pytest
 import yaml
 
 from smolfactory.cli import SmolFactoryCLI, main
 from smolfactory.data.sources import builtin_split_path
+from smolfactory.errors import SmolFactoryError
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -129,6 +132,39 @@ def test_configuration_errors_end_with_one_line(tmp_path, tiny_model_dir, capsys
         main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), override])
     assert exit_info.value.code == 2
     assert re.match(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+class FailingCallback(L.Callback):
+    """Fails in its setup hook: with a SmolFactoryError, with a bug, or with a bug while handling one."""
+
+    def __init__(self, failure: Literal["ours", "bug", "bug_while_handling_ours"]) -> None:
+        self.failure = failure
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.failure == "ours":
+            raise SmolFactoryError("the callback's setting is wrong")
+        if self.failure == "bug":
+            raise RuntimeError("a bug in the callback")
+        try:
+            raise SmolFactoryError("the callback's setting is wrong")
+        except SmolFactoryError:
+            {}["missing"]  # a KeyError, whose __context__ is the SmolFactoryError
+
+
+def test_our_error_in_a_hook_ends_with_one_line(tmp_path, tiny_model_dir, capsys):
+    callback = f"--trainer.callbacks+={{class_path: {__name__}.FailingCallback, init_args: {{failure: ours}}}}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), callback])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the callback's setting is wrong"
+
+
+@pytest.mark.parametrize(("failure", "error"), [("bug", RuntimeError), ("bug_while_handling_ours", KeyError)])
+def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, capsys, failure, error):
+    callback = f"--trainer.callbacks+={{class_path: {__name__}.FailingCallback, init_args: {{failure: {failure}}}}}"
+    with pytest.raises(error):  # raised through main, not turned into one line
+        main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), callback])
+    assert "error:" not in capsys.readouterr().err
 
 
 def test_console_script_prints_no_traceback(tmp_path):

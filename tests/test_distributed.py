@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smolfactory.checkpoint_export import export_checkpoint
+from smolfactory.export import export_checkpoint
 from tests.conftest import write_jsonl
 from tests.distributed_run import VARIANTS, run
 from tests.test_loss_normalisation import RAGGED

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from argparse import Namespace
+
 import pytest
+import torch
 
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.loggers import TrackioLogger
+from smolfactory.loggers.trackio import flat_config
 from tests.conftest import adamw
 from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -26,3 +30,10 @@ def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatc
     assert [row["step"] for row in logs if "train_loss" in row] == [0, 1, 2, 3]
     config = SQLiteStorage.get_run_config("smolfactory-test", "tiny-run")
     assert config["optimizer/init_args/lr"] == 1e-2 and config["lora/r"] == 4
+
+
+def test_nested_settings_become_one_flat_config_of_plain_values():
+    lora, data = LoraSettings(r=4, target_modules=["q_proj"]), Namespace(max_length=8, dtype=torch.bfloat16)
+    config = flat_config({"lora": lora, "data": data, "name": None})
+    assert config["lora/r"] == 4 and config["lora/target_modules"] == "['q_proj']"
+    assert config["data/max_length"] == 8 and config["data/dtype"] == "torch.bfloat16" and config["name"] is None

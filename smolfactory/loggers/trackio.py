@@ -11,11 +11,12 @@ Runs are written to a SQLite file under ``$TRACKIO_DIR`` (default ``~/.cache/hug
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from argparse import Namespace
+from collections.abc import Mapping
 from typing import Any
 
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict, _sanitize_params
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -61,7 +62,7 @@ class TrackioLogger(Logger):
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         # Lightning logs the hyper-parameters before the first metric: they become the run's config.
-        config = _sanitize_params(_flatten_dict(_convert_params(params)))
+        config = flat_config(vars(params) if isinstance(params, Namespace) else params)
         if self._run is None:
             self._start(config)
         else:
@@ -75,3 +76,23 @@ class TrackioLogger(Logger):
     def finalize(self, status: str) -> None:
         if self._run is not None:
             self._run.finish()
+
+
+def flat_config(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one flat dict of plain values: ``{"lora": LoraSettings(r=4)}`` -> ``{"lora/r": 4}``.
+
+    Mappings, dataclasses and namespaces are flattened with "/" between the keys (as Lightning's loggers do);
+    values other than None, bool, int, float and str become their ``str``, so that Trackio can store them.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, Namespace):
+            value = vars(value)
+        if isinstance(value, Mapping):
+            flat.update(flat_config(value, f"{name}/"))
+        else:
+            flat[name] = value if value is None or isinstance(value, bool | int | float | str) else str(value)
+    return flat
