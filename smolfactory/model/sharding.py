@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -24,19 +23,31 @@ def unwrapped_name(name: str) -> str:
 
 
 def is_sharded(state_dict: dict) -> bool:
-    """Whether a state dict holds shards (FSDP's sharded state dict: DTensor or ShardedTensor values)."""
-    return any(isinstance(value, DTensor | ShardedTensor) for value in state_dict.values())
+    """Whether a state dict holds shards: DTensors (FSDP2), or FSDP's ShardedTensors, told by their public
+    ``local_shards()`` (plain tensors have none)."""
+    return any(
+        isinstance(value, DTensor) or callable(getattr(value, "local_shards", None)) for value in state_dict.values()
+    )
 
 
-def decoder_layer_class_names(model: PreTrainedModel) -> set[str]:
-    """The transformer-block classes that must not be split, from the model's ``_no_split_modules``."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    if not names:
+def decoder_layer_class_names(model: torch.nn.Module) -> set[str]:
+    """The class of the model's decoder layers: the elements of its largest list of modules of one class (a
+    causal LM's ``layers``), found from the module tree alone, so any architecture works without naming it."""
+    best, best_size = None, 0
+    for modules in model.modules():
+        if not isinstance(modules, torch.nn.ModuleList) or len(modules) < 2:
+            continue
+        if len({type(layer) for layer in modules}) != 1:
+            continue
+        size = sum(parameter.numel() for parameter in modules.parameters())
+        if size > best_size:
+            best, best_size = type(modules[0]).__name__, size
+    if best is None:
         raise SmolFactoryError(
-            f"{type(model).__name__} does not name its decoder layer class (_no_split_modules), so it cannot be "
-            "sharded layer by layer; use DDP"
+            f"{type(model).__name__} has no list of decoder layers of one class, so it cannot be sharded layer by "
+            "layer; use DDP"
         )
-    return names
+    return {best}
 
 
 def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh: DeviceMesh) -> None:
@@ -55,9 +66,9 @@ def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh
 class DecoderLayerPolicy:
     """An FSDPStrategy wrap policy (auto-wrap or activation checkpointing): each decoder layer on its own.
 
-    The layer classes come from the ``_no_split_modules`` of the Hugging Face models inside the wrapped
-    module, read on the first call (FSDP calls the policy on the root first), so one config serves
-    Llama, SmolLM3, Qwen and the rest without naming their classes.
+    The layer class is found in the wrapped module on the first call (FSDP calls the policy on the root first;
+    see ``decoder_layer_class_names``), so one config serves Llama, SmolLM3, Qwen and the rest without naming
+    their classes.
     """
 
     def __init__(self) -> None:
@@ -65,5 +76,5 @@ class DecoderLayerPolicy:
 
     def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         if self.classes is None:
-            self.classes = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+            self.classes = decoder_layer_class_names(module)
         return True if recurse else type(module).__name__ in self.classes
