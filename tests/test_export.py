@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from smolfactory import CausalLMModule, LoraSettings
@@ -18,7 +19,8 @@ def test_export_adapter_and_merged_give_the_trained_logits(tiny_model_dir, tiny_
     module = CausalLMModule(model_name=tiny_model_dir, lora=lora, learning_rate=1e-2)
     trainer_with_checkpoints(tmp_path, max_steps=3).fit(module, datamodule=tiny_data)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    batch = next(iter(tiny_data._loader(tiny_data.train_data, shuffle=False)))
+    loader = DataLoader(tiny_data.train_data, tiny_data.hparams.batch_size, collate_fn=tiny_data.train_collate())
+    batch = next(iter(loader))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     module.eval()
     with torch.no_grad():
