@@ -61,7 +61,10 @@ class TokenizedDataModule(L.LightningDataModule):
         """
         super().__init__()
         # The caller's arguments, not these two: the subclass's signature is the YAML schema and the checkpoint's.
-        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        caller = inspect.currentframe().f_back
+        self.save_hyperparameters(frame=caller)
+        # Under LightningCLI, hparams hold the parsed config; the arguments themselves are typed.
+        arguments = inspect.getargvalues(caller).locals
         self.kind, self.streaming = kind, streaming
         hparams = self.hparams
         if not 0 <= hparams.val_split < 1:
@@ -73,12 +76,13 @@ class TokenizedDataModule(L.LightningDataModule):
         if streaming and hparams.group_by_length:
             raise SmolFactoryError("data.group_by_length needs the whole dataset; it does not work with data.streaming")
         # Sources as plain dicts, so checkpoints (which keep these) load with torch.load(weights_only=True).
-        plain = [dataclasses.asdict(s) if isinstance(s, DatasetSource) else str(s) for s in _listed(hparams.dataset)]
-        hparams.dataset = plain if isinstance(hparams.dataset, list) else plain[0]
-        if isinstance(hparams.validation_dataset, DatasetSource):
-            hparams.validation_dataset = dataclasses.asdict(hparams.validation_dataset)
-        elif hparams.validation_dataset is not None:
-            hparams.validation_dataset = str(hparams.validation_dataset)
+        dataset, validation_dataset = arguments["dataset"], arguments["validation_dataset"]
+        plain = [dataclasses.asdict(s) if isinstance(s, DatasetSource) else str(s) for s in _listed(dataset)]
+        hparams.dataset = plain if isinstance(dataset, list) else plain[0]
+        if isinstance(validation_dataset, DatasetSource):
+            hparams.validation_dataset = dataclasses.asdict(validation_dataset)
+        elif validation_dataset is not None:
+            hparams.validation_dataset = str(validation_dataset)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_data: datasets.Dataset | datasets.IterableDataset | None = None
         self.val_data: datasets.Dataset | datasets.IterableDataset | None = None
