@@ -140,18 +140,21 @@ class TokenizedDataModule(L.LightningDataModule):
     # --- loaders ---
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches, from a loader that resumes exactly where a checkpoint left it."""
+        """Shuffled batches, from a loader that resumes exactly where a checkpoint left it.
+
+        Arguments by keyword: under DDP Lightning builds the loader again with its own sampler and batch_size.
+        """
         hparams, collate = self.hparams, self.kind.train_collate(self.tokenizer.pad_token_id)
         common = {"collate_fn": collate, "num_workers": hparams.num_workers, "generator": self._generator()}
         if self.streaming:
             stream = WindowedStream(self._node_share(self.train_data), hparams.seed, self._packing_capacity())
-            return ResumableLoader(stream, hparams.batch_size, order=stream, **common)
+            return ResumableLoader(stream, batch_size=hparams.batch_size, order=stream, **common)
         data = PackedDataset(self.train_data, hparams.max_length) if self.kind.packing else self.train_data
         order = EpochShuffleSampler(len(data), hparams.seed)
         if hparams.group_by_length:
             batches = LengthGroupedBatchSampler(order, hparams.batch_size, False, data["length"])
             return ResumableLoader(data, batch_sampler=batches, order=order, **common)
-        return ResumableLoader(data, hparams.batch_size, sampler=order, order=order, **common)
+        return ResumableLoader(data, batch_size=hparams.batch_size, sampler=order, order=order, **common)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_data is None:
