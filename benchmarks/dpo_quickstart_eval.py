@@ -48,7 +48,7 @@ def main() -> None:
 
     data = PreferenceDataModule(tokenizer=args.sft, dataset="builtin:quickstart-preference", max_length=256)
     data.setup("fit")
-    pairs = DataLoader(data.val_data, batch_size=8, collate_fn=data._collate())
+    pairs = DataLoader(data.val_data, batch_size=8, collate_fn=data.train_collate())
     sft_chosen, sft_rejected = pair_log_probs(args.sft, pairs)
     dpo_chosen, dpo_rejected = pair_log_probs(args.dpo, pairs)
 

@@ -24,6 +24,7 @@ from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.callbacks.throughput import TokenThroughput
+from smolfactory.data.base import TokenizedDataModule
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
@@ -39,7 +40,10 @@ class SmolFactoryTrainer(L.Trainer):
     """Lightning's Trainer plus ``preview``, so that LightningCLI offers it as a subcommand with the same config."""
 
     def preview(
-        self, model: L.LightningModule | None = None, datamodule: SFTDataModule | None = None, num_examples: int = 3
+        self,
+        model: L.LightningModule | None = None,
+        datamodule: TokenizedDataModule | None = None,
+        num_examples: int = 3,
     ) -> None:
         """Print a few training examples with the trained tokens marked, and statistics of the prepared data.
 
@@ -60,7 +64,7 @@ class SmolFactoryCLI(LightningCLI):
         # Subclass mode: `model: {class_path: smolfactory.DPOModule, init_args: ...}` picks another recipe; a
         # config without class_path configures the defaults, SFTModule and SFTDataModule.
         kwargs.setdefault("model_class", RecipeModule)
-        kwargs.setdefault("datamodule_class", SFTDataModule)
+        kwargs.setdefault("datamodule_class", TokenizedDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", SmolFactoryTrainer)

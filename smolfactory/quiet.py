@@ -35,3 +35,6 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
                         module=r"transformers\.modeling_utils")  # fmt: skip
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
                         module=r"lightning\.pytorch\.utilities")  # fmt: skip
+# torchdata's StatefulDataLoader calls a torch function that torch deprecated, at every loader it builds.
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated", category=UserWarning,
+                        module=r"torchdata\.stateful_dataloader")  # fmt: skip

@@ -248,3 +248,52 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     assert first + second == pytest.approx(straight, abs=1e-6)
     for name, weight in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], weight, atol=1e-6, rtol=0, msg=name)
+
+
+class LossesTo(L.Callback):
+    """Appends ``step loss`` of each optimizer step to a file, for runs of the command (``--trainer.callbacks+=``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as file:
+            file.write(f"{trainer.global_step} {trainer.callback_metrics['train_loss'].item()!r}\n")
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "max_steps"])
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "map-style"])
+def test_the_command_resumes_exactly_mid_epoch_and_past_max_steps(tmp_path, tiny_model_dir, capfd, streaming, stop):
+    """4 steps straight = 2 steps, a stop (SIGTERM, or the end of a max_steps: 2 run), `--ckpt_path last`, 2 steps:
+    the same loss at every step and the same final weights. 10 rows in batches of 4: the 4 steps cross an epoch."""
+    rows = write_jsonl(
+        tmp_path / "d.jsonl", [chat(f"Question {i}?", "Answer " * (1 + i % 4) + f"{i}.") for i in range(10)]
+    )
+
+    def fit(root: Path, max_steps: int, *extra: str) -> list[tuple[int, float]]:
+        root.mkdir(exist_ok=True)
+        losses = root / f"losses-{len(list(root.glob('losses-*')))}.txt"
+        record = {"class_path": "tests.test_checkpoints.LossesTo", "init_args": {"path": str(losses)}}
+        result = smolfactory(
+            capfd, "fit", "--config", QUICKSTART, "--config", tiny_overrides(root, tiny_model_dir, max_steps),
+            f"--data.dataset={rows}", "--data.val_split=0", f"--data.streaming={streaming}",
+            "--model.lora.dropout=0.1", f"--trainer.callbacks+={json.dumps(record)}", *extra,
+        )  # fmt: skip
+        assert result.code == 0, result.err[-3000:]
+        return [(int(step), float(loss)) for step, loss in (line.split() for line in losses.read_text().splitlines())]
+
+    def weights(root: Path) -> dict[str, torch.Tensor]:
+        return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    straight = fit(tmp_path / "straight", 4)
+    if stop == "sigterm":
+        sigterm = {"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2}}
+        first = fit(tmp_path / "stopped", 4, f"--trainer.callbacks+={json.dumps(sigterm)}")
+    else:
+        first = fit(tmp_path / "stopped", 2)
+    assert torch.load(tmp_path / "stopped/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    second = fit(tmp_path / "stopped", 4, "--ckpt_path=last")
+    assert [step for step, _ in straight] == [1, 2, 3, 4] and [step for step, _ in first + second] == [1, 2, 3, 4]
+    assert [loss for _, loss in first + second] == pytest.approx([loss for _, loss in straight], abs=1e-6)
+    for name, weight in weights(tmp_path / "straight").items():
+        torch.testing.assert_close(weights(tmp_path / "stopped")[name], weight, atol=1e-6, rtol=0, msg=name)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from torch.utils.data import DataLoader
 
-from smolfactory.data import SFTDataModule, examples, sft, sources
+from smolfactory.data import SFTDataModule, kinds, sources
 from smolfactory.data.collate import pad_collate, prompt_collate
 from smolfactory.data.sources import DatasetSource, builtin_split_path
 from smolfactory.errors import SmolFactoryError
@@ -40,7 +41,8 @@ def test_quickstart_data_teaches_the_identity_and_ordinary_answers():
 def test_batches_are_padded_by_length_with_masked_labels(tiny_model_dir, tokenizer, tmp_path):
     rows = [chat("Hi", "Hello there, friend!"), chat("One?", "Two."), chat("Long question " * 5, "Short.")]
     datamodule = make_datamodule(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), val_split=0, batch_size=3)
-    batch = next(iter(datamodule._loader(datamodule.train_data, shuffle=False)))
+    loader = DataLoader(datamodule.train_data, datamodule.hparams.batch_size, collate_fn=datamodule.train_collate())
+    batch = next(iter(loader))
     lengths = [len(example["input_ids"]) for example in datamodule.train_data]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
@@ -167,8 +169,9 @@ def test_tokenization_cache_follows_the_masking_code(tiny_model_dir, tmp_path, m
     first = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     second = make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]
     assert second == first  # same code, same data: same examples (from the cache)
-    monkeypatch.setattr(SFTDataModule, "pipeline_source", examples.PIPELINE_SOURCE + "# changed")
-    monkeypatch.setattr(examples, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
+    changed = kinds.Conversation.code.fget
+    monkeypatch.setattr(kinds.Conversation, "code", property(lambda kind: changed(kind) + "# changed"))
+    monkeypatch.setattr(kinds, "tokenize_example", lambda *args: [{"input_ids": [1, 2], "labels": [1, 2]}])
     assert make_datamodule(tiny_model_dir, path, val_split=0).train_data[0]["input_ids"] == [1, 2]
 
 
@@ -224,19 +227,20 @@ def test_tokenization_runs_once_then_comes_from_the_cache(tiny_model_dir, tmp_pa
     """prepare_data (rank 0 only under DDP) tokenizes; setup, and any later run, reads the cache."""
     path = write_jsonl(tmp_path / "d.jsonl", [chat(f"Q{i}", f"A{i}") for i in range(8)])
     calls = []
-    real = sft.tokenize_rows
+    real = kinds.Conversation.row_examples
 
-    def counting(batch, *args, **kwargs):
-        calls.append(len(batch["messages"]))
-        return real(batch, *args, **kwargs)
+    def counting(kind, row, *args):
+        calls.append(row)
+        return real(kind, row, *args)
 
-    monkeypatch.setattr(sft, "tokenize_rows", counting)
+    # Patched on the class: the cache's fingerprint hashes the kind object, not its class's methods.
+    monkeypatch.setattr(kinds.Conversation, "row_examples", counting)
     datamodule = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0)
     datamodule.prepare_data()
-    assert sum(calls) == 8
+    assert len(calls) == 8
     datamodule.setup("fit")
     make_datamodule(tiny_model_dir, path, val_split=0)
-    assert sum(calls) == 8 and len(datamodule.train_data) == 8
+    assert len(calls) == 8 and len(datamodule.train_data) == 8
 
 
 def test_tokenizing_with_several_processes_gives_the_same_examples(tiny_model_dir, tmp_path):

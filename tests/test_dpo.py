@@ -108,7 +108,7 @@ def test_unknown_columns_name_the_preference_layouts(tiny_model_dir, tmp_path):
 def test_batch_holds_the_chosen_sequences_then_the_rejected(tiny_model_dir, tmp_path):
     rows = [{"prompt": USER, "chosen": GOOD, "rejected": BAD}, {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
     datamodule = datamodule_for(tiny_model_dir, write_jsonl(tmp_path / "p.jsonl", rows))
-    batch = next(iter(DataLoader(datamodule.train_data, batch_size=2, collate_fn=datamodule._collate())))
+    batch = next(iter(DataLoader(datamodule.train_data, batch_size=2, collate_fn=datamodule.train_collate())))
     assert batch["input_ids"].shape[0] == 4
     for index, (pair, side) in enumerate([(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]):
         ids = datamodule.train_data[pair][f"{side}_input_ids"]
@@ -178,7 +178,7 @@ def log_probs_by_hand(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 def test_reference_is_the_base_model_and_does_not_move_while_training(tiny_model_dir, pairs_path):
     datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=3)
-    batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule._collate())))
+    batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule.train_collate())))
     module = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-2))
     module.configure_model()
     before = torch.cat(module.reference_log_probs(batch))
@@ -196,7 +196,7 @@ def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir
     fit(trained, datamodule_for(tiny_model_dir, pairs_path), steps=2)
     trained.model.save_pretrained(tmp_path / "adapter")
     datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=3)
-    batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule._collate())))
+    batch = next(iter(DataLoader(datamodule.train_data, batch_size=3, collate_fn=datamodule.train_collate())))
 
     module = DPOModule(model_name=str(tmp_path / "adapter"), optimizer=adamw(1e-2))
     module.configure_model()
@@ -249,7 +249,7 @@ def test_a_step_is_the_mean_over_its_pairs_however_it_is_accumulated(tiny_model_
         module = GradientRecorder(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-3))
         datamodule = datamodule_for(tiny_model_dir, pairs_path, batch_size=batch_size)
         datamodule.train_dataloader = lambda dm=datamodule, b=batch_size: DataLoader(  # in file order
-            dm.train_data, batch_size=b, collate_fn=dm._collate()
+            dm.train_data, batch_size=b, collate_fn=dm.train_collate()
         )
         fit(module, datamodule, steps=1, accumulate_grad_batches=accumulate)
         gradients.append(module.gradients)

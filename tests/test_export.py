@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from peft import AutoPeftModelForCausalLM
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from smolfactory import LoraSettings, SFTModule
@@ -26,7 +27,8 @@ def test_export_adapter_and_merged_give_the_trained_logits(tiny_model_dir, tiny_
     module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2))
     trainer_with_checkpoints(tmp_path, max_steps=3).fit(module, datamodule=tiny_data)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    batch = next(iter(tiny_data._loader(tiny_data.train_data, shuffle=False)))
+    loader = DataLoader(tiny_data.train_data, tiny_data.hparams.batch_size, collate_fn=tiny_data.train_collate())
+    batch = next(iter(loader))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     module.eval()
     with torch.no_grad():

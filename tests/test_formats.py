@@ -167,16 +167,16 @@ def test_chat_template_kwargs_reach_the_template(tiny_model_dir, tmp_path):
 
 
 def test_tokenizer_without_a_chat_template_asks_for_one(tiny_model_dir, tmp_path, monkeypatch):
-    from smolfactory.data import sft
+    from smolfactory.data import base
 
-    real = sft.load_tokenizer
+    real = base.load_tokenizer
 
     def no_template(name):
         tokenizer = real(name)
         tokenizer.chat_template = None
         return tokenizer
 
-    monkeypatch.setattr(sft, "load_tokenizer", no_template)
+    monkeypatch.setattr(base, "load_tokenizer", no_template)
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [user("Hi"), assistant("Hello")]}])
     with pytest.raises(SmolFactoryError, match="has no chat template .* set data.chat_template"):
         datamodule_for(tiny_model_dir, path)

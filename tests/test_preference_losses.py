@@ -270,7 +270,7 @@ def pair_batch(tiny_model_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
     path = write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", PAIRS)
     datamodule = PreferenceDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=len(PAIRS))
     datamodule.setup("fit")
-    loader = DataLoader(datamodule.train_data, batch_size=len(PAIRS), collate_fn=datamodule._collate())
+    loader = DataLoader(datamodule.train_data, batch_size=len(PAIRS), collate_fn=datamodule.train_collate())
     return next(iter(loader))
 
 

@@ -62,7 +62,7 @@ def pairs_file(tmp_path_factory):
 def our_batch(model_dir: str, path) -> tuple[PreferenceDataModule, dict[str, torch.Tensor]]:
     datamodule = PreferenceDataModule(tokenizer=model_dir, dataset=str(path), val_split=0, batch_size=len(PAIRS))
     datamodule.setup("fit")
-    loader = DataLoader(datamodule.train_data, batch_size=len(PAIRS), collate_fn=datamodule._collate())
+    loader = DataLoader(datamodule.train_data, batch_size=len(PAIRS), collate_fn=datamodule.train_collate())
     return datamodule, next(iter(loader))
 
 

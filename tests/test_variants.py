@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
+from torch.utils.data import DataLoader
 
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
@@ -49,7 +50,8 @@ def gradients(module, batch):
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4)], ids=["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, tiny_data, lora):  # noqa: F811
     tiny_data.setup("fit")
-    batch = next(iter(tiny_data._loader(tiny_data.train_data, shuffle=False)))
+    loader = DataLoader(tiny_data.train_data, tiny_data.hparams.batch_size, collate_fn=tiny_data.train_collate())
+    batch = next(iter(loader))
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)

@@ -3,16 +3,16 @@
 A packed row holds several whole examples back to back. ``packed_collate`` gives each example its own
 ``position_ids`` (restarting at 0) and no ``attention_mask``: transformers then finds the example
 boundaries from the position ids and no example attends to another (sdpa and eager build a
-block-diagonal mask per row; flash-attention takes the rows flattened, see ``CausalLMModule.loss_terms``).
+block-diagonal mask per row; flash-attention takes the rows flattened, see ``RecipeModule.final_hidden_states``).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 
 def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -49,26 +49,6 @@ class PackedDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[dict[str, list[int]]]:
         return [self.examples[i] for i in self.rows[index]]
-
-
-class PackedStream(IterableDataset):
-    """Packed rows from a stream of examples: best-fit decreasing within each buffer of ``buffer_size`` examples."""
-
-    def __init__(self, examples: Iterable[dict], capacity: int, buffer_size: int = 1000) -> None:
-        self.examples, self.capacity, self.buffer_size = examples, capacity, buffer_size
-
-    def __iter__(self) -> Iterator[list[dict[str, list[int]]]]:
-        buffer: list[dict] = []
-        for example in self.examples:
-            buffer.append(example)
-            if len(buffer) == self.buffer_size:
-                yield from self._rows(buffer)
-                buffer = []
-        yield from self._rows(buffer)
-
-    def _rows(self, buffer: list[dict]) -> Iterator[list[dict[str, list[int]]]]:
-        for row in pack_examples([example["length"] for example in buffer], self.capacity):
-            yield [buffer[i] for i in row]
 
 
 class LengthGroupedBatchSampler(BatchSampler):
@@ -112,15 +92,13 @@ class LengthGroupedBatchSampler(BatchSampler):
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation each epoch that depends only on ``(seed, epoch)``, never on the global RNG.
 
-    Lightning calls ``set_epoch`` at each epoch start, so a resumed run draws the same order as the
-    uninterrupted one.
+    ``loaders.ResumableLoader`` sets ``epoch`` at each pass, so a resumed run draws the same order as the
+    uninterrupted one. (No ``set_epoch``: Lightning would set its own epoch number, which a resumed run counts
+    differently.)
     """
 
     def __init__(self, length: int, seed: int) -> None:
         self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.length
@@ -128,33 +106,3 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that resumes mid-epoch: Lightning stores ``state_dict()`` in checkpoints and hands it back.
-
-    The state is how many batches of the current epoch the training loop has consumed, read from
-    ``batches_done`` (Lightning fetches a batch ahead, so the loader's own count would be one too many).
-    After ``load_state_dict`` the next pass skips those batches; the epoch's order is the same because
-    the sampler depends only on the seed and the epoch.
-    """
-
-    def __init__(self, *args, batches_done: Callable[[], int] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
-        self._skip = 0
-
-    def state_dict(self) -> dict[str, int]:
-        done = self.batches_done() if self.batches_done is not None else 0
-        # Saved after an epoch's last batch, a resumed run starts the next epoch: nothing of it to skip.
-        return {"batches_done": done if done < len(self) else 0}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = state["batches_done"]
-
-    def __iter__(self) -> Iterator:
-        skip, self._skip = self._skip, 0
-        batches = super().__iter__()
-        for _ in range(skip):
-            next(batches)
-        yield from batches

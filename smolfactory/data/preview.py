@@ -5,40 +5,42 @@ from __future__ import annotations
 import math
 import random
 from itertools import islice
+from typing import TYPE_CHECKING
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from smolfactory.data.packing import LengthGroupedBatchSampler, PackedDataset
-from smolfactory.data.sft import SFTDataModule
+from smolfactory.data.packing import LengthGroupedBatchSampler
 from smolfactory.model.loss import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from smolfactory.data.base import TokenizedDataModule
 
 TRAINED_ON, TRAINED_OFF = "\033[42;30m", "\033[0m"  # green background, as on a terminal
 STREAM_SAMPLE = 1000
 
 
-def preview(datamodule: SFTDataModule, num_examples: int = 3, color: bool = False) -> str:
+def preview(datamodule: TokenizedDataModule, num_examples: int = 3, color: bool = False) -> str:
     """Examples of the training data with trained tokens marked, then statistics of the prepared data."""
     datamodule.setup("fit")
-    data, tokenizer = datamodule.train_data, datamodule.tokenizer
+    data, tokenizer, kind = datamodule.train_data, datamodule.tokenizer, datamodule.kind
     if isinstance(data, datasets.IterableDataset):  # a stream: look at its first examples
         data = datasets.Dataset.from_list(list(islice(data, STREAM_SAMPLE)))
     marks = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
     parts = [f"Trained tokens are marked {marks[0]}like this{marks[1]}.\n"]
     for index in range(min(num_examples, len(data))):
-        example = data[index]
-        if "chosen_input_ids" in example:  # a preference pair: both sequences
-            parts.append(f"--- pair {index + 1} of {len(data)} ---")
-            for side in ("chosen", "rejected"):
-                marked = mark_trained(tokenizer, example[f"{side}_input_ids"], example[f"{side}_labels"], marks)
-                parts.append(f"[{side}, {len(example[f'{side}_input_ids'])} tokens]\n{marked}")
-            continue
-        parts.append(f"--- example {index + 1} of {len(data)} ({len(example['input_ids'])} tokens) ---")
-        parts.append(mark_trained(tokenizer, example["input_ids"], example["labels"], marks))
+        parts += kind.show(tokenizer, data[index], f"{index + 1} of {len(data)}", marks)
     parts.append("--- statistics ---")
-    if datamodule.hparams.streaming:
+    if datamodule.streaming:
         parts.append(f"(streaming: statistics of the first {len(data)} examples)")
-    parts += statistics_lines(datamodule, data)
+    for name, summary in datamodule.summaries.items():
+        parts.append(
+            f"{name}: {summary['rows']} rows -> {summary['examples']} examples, {summary['truncated']} truncated, "
+            f"{summary['dropped']} dropped, {summary['skipped']} bad rows skipped"
+        )
+    if isinstance(datamodule.val_data, datasets.Dataset):
+        parts.append(f"training examples: {len(data)}, validation examples: {len(datamodule.val_data)}")
+    parts += kind.statistics(data, datamodule.hparams.batch_size, datamodule.hparams.seed)
     return "\n".join(parts)
 
 
@@ -65,34 +67,13 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, ids: list[int], trained: bool, 
     return f"{marks[0]}{text}{marks[1]}" if trained else text
 
 
-def statistics_lines(datamodule: SFTDataModule, data: datasets.Dataset) -> list[str]:
-    """Rows, token-length percentiles, share of tokens trained, and packing or padding efficiency of ``data``."""
-    hparams = datamodule.hparams
-    lines = []
-    for name, summary in datamodule.summaries.items():
-        lines.append(
-            f"{name}: {summary['rows']} rows -> {summary['examples']} examples, {summary['truncated']} truncated, "
-            f"{summary['dropped']} dropped, {summary['skipped']} bad rows skipped"
-        )
-    lengths = sorted(data["length"])
-    if isinstance(datamodule.val_data, datasets.Dataset):
-        lines.append(f"training examples: {len(data)}, validation examples: {len(datamodule.val_data)}")
-    percentiles = ", ".join(f"p{p} {lengths[math.ceil(p / 100 * len(lengths)) - 1]}" for p in (50, 90, 99))
-    if "chosen_labels" in data.column_names:  # pairs are never packed
-        lines.append(f"tokens per pair (its longer sequence): {percentiles}, max {lengths[-1]}")
-        return lines
-    lines.append(f"tokens per example: {percentiles}, max {lengths[-1]}, total {sum(lengths)}")
-    trained = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in data["labels"])
-    lines.append(f"tokens trained: {trained} of {sum(lengths)} ({trained / sum(lengths):.1%})")
-    rows = len(PackedDataset(data, hparams.max_length))
-    packed = sum(lengths) / (rows * hparams.max_length)
-    lines.append(f"packing (data.packing: true): {rows} rows of {hparams.max_length} tokens, {packed:.1%} filled")
-    padding = _padding_efficiency(data["length"], hparams.batch_size, hparams.seed)
-    lines.append(f"padding (data.packing: false), batches of {hparams.batch_size}: {padding}")
-    return lines
+def length_percentiles(lengths: list[int]) -> str:
+    """``p50 A, p90 B, p99 C`` of token lengths."""
+    lengths = sorted(lengths)
+    return ", ".join(f"p{p} {lengths[math.ceil(p / 100 * len(lengths)) - 1]}" for p in (50, 90, 99))
 
 
-def _padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> str:
+def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> str:
     """Share of real tokens in padded batches, for a shuffled epoch and for group_by_length."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)

@@ -1,40 +1,37 @@
-"""Dataset rows to training examples: the function ``datasets.map`` runs, and the counts it leaves.
+"""Tokenizing dataset rows into examples: the function ``datasets.map`` runs, and the counts it leaves.
 
-Each row becomes zero or more examples (``input_ids``, ``labels``, ``length``): usually one; several when
-the chat template rewrites history or an over-long example is split; none when it is dropped. Bad rows
-stop with a one-line error, or leave a placeholder that ``summarize`` counts as skipped.
+A kind of example (``kinds``) turns one row into zero or more examples: usually one; several when the chat
+template rewrites history or an over-long example is split; none when it is dropped. ``tokenize_rows`` runs it
+over a batch of rows: bad rows stop with a one-line error, or leave a placeholder that ``summarize`` counts as
+skipped. ``fit_length`` and ``leading_cut`` fit a tokenized sequence to ``max_length``.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from smolfactory.data import formats, templates
-from smolfactory.data.formats import RowError, row_to_example
+from smolfactory.data.formats import RowError
 from smolfactory.data.sources import UNREADABLE
-from smolfactory.data.templates import TemplateError, tokenize_example
+from smolfactory.data.templates import TemplateError
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
 
-EXAMPLE_COLUMNS = ["input_ids", "labels", "length"]
-RowExamples = Callable[[dict[str, Any], PreTrainedTokenizerBase, "RowSettings"], tuple[list[dict[str, Any]], bool]]
+if TYPE_CHECKING:
+    from smolfactory.data.kinds import ExampleKind
 
 
 @dataclass(frozen=True)
 class RowSettings:
-    """Everything that decides how a row becomes examples (and so part of the cache fingerprint)."""
+    """The data module's settings that decide how a row becomes examples (the kind of example holds its own)."""
 
     format: str
     columns: dict[str, str]
     system_prompt: str | None
     template_kwargs: dict[str, Any] | None
-    train_on: str
     max_length: int
     overlong: str
     on_bad_row: str
@@ -46,17 +43,18 @@ def tokenize_rows(
     tokenizer: PreTrainedTokenizerBase,
     settings: RowSettings,
     source: str,
-    row_examples: RowExamples | None = None,
-    columns: list[str] = EXAMPLE_COLUMNS,
+    kind: ExampleKind,
+    code: str,
 ) -> dict[str, list]:
     """``datasets.map`` function: a batch of rows to examples, plus one placeholder per skipped or dropped row.
 
-    ``row_examples`` turns one row into its examples (``conversation_examples`` for SFT); each example has
-    ``columns`` and ``num_trained``; a ``status`` column says what happened to the row.
+    ``kind.row_examples`` turns one row into its examples; each has the kind's ``columns`` and ``num_trained``; a
+    ``status`` column says what happened to the row. ``code`` is unused here: it is the source of everything that
+    turns rows into examples (``kind.code``), an argument so that datasets' fingerprint of this map, and so its
+    cache, changes with that code (datasets hashes the arguments, not the code a function calls).
     """
-    row_examples = row_examples or conversation_examples
-    out: dict[str, list] = {key: [] for key in (*columns, "num_trained", "status")}
-    placeholder = {key: 0 if key == "length" else [] for key in columns} | {"num_trained": 0}
+    out: dict[str, list] = {key: [] for key in (*kind.columns, "num_trained", "status")}
+    placeholder = {key: 0 if key == "length" else [] for key in kind.columns} | {"num_trained": 0}
 
     def add(example: dict[str, Any], status: str) -> None:
         for key, value in example.items():
@@ -68,7 +66,7 @@ def tokenize_rows(
         try:
             if row.get(UNREADABLE):  # a line the file's reader could not read (sources.load_rows)
                 raise RowError(row[UNREADABLE])
-            examples, truncated = row_examples(row, tokenizer, settings)
+            examples, truncated = kind.row_examples(row, tokenizer, settings)
         except (RowError, TemplateError) as error:
             problem = f"{source}, row {index + 1}: {error}"
             if settings.on_bad_row == "error":
@@ -80,20 +78,6 @@ def tokenize_rows(
         for example in examples:
             add(example, "truncated" if truncated else "")
     return out
-
-
-def conversation_examples(
-    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, settings: RowSettings
-) -> tuple[list[dict[str, Any]], bool]:
-    """One SFT row's examples (input ids, labels, length, trained tokens), and whether it was cut to fit."""
-    example = row_to_example(row, settings.format, settings.columns, settings.system_prompt)
-    sequences = tokenize_example(tokenizer, example, settings.train_on, settings.template_kwargs)
-    pieces = [piece for sequence in sequences for piece in fit_length(sequence, settings)]
-    examples = [
-        {"input_ids": ids, "labels": labels, "length": len(ids), "num_trained": trained_count(labels)}
-        for ids, labels in pieces
-    ]
-    return examples, max(len(sequence["input_ids"]) for sequence in sequences) > settings.max_length
 
 
 def trained_count(labels: list[int]) -> int:
@@ -155,10 +139,3 @@ def summary_line(name: str, summary: dict[str, Any], max_length: int) -> str:
         f"{f' (rows {rows})' if dropped else ''}, {summary['skipped']} bad rows skipped)"
     )
     return line + "".join(f"\n  skipped {problem}" for problem in summary["skipped_first"])
-
-
-# The code that turns rows into examples; part of the cache fingerprint (see SFTDataModule._tokenize).
-PIPELINE_SOURCE = "".join(
-    inspect.getsource(code)
-    for code in (formats, templates, tokenize_rows, conversation_examples, fit_length, leading_cut)
-)
