@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,10 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from smolfactory import SFTDataModule
 from smolfactory.cli import main
 from smolfactory.model.loading import DEFAULT_MODEL, resolve_model_path
 
@@ -131,21 +132,171 @@ def stand_in_config(folder: Path, model_dir: str, **sections: dict) -> str:
     return str(path)
 
 
-class SignalAt(L.Callback):
-    """Sends this process a signal (SIGTERM, as a job scheduler would, or SIGINT: Ctrl-C) after optimizer step
-    ``step``, for CLI tests: `--trainer.callbacks+={"class_path": "tests.conftest.SignalAt", ...}`."""
-
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
-        self.step, self.signum, self.sent = step, signum, False
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-
 def adamw(lr: float = 2e-4, eight_bit: bool = False, **init_args: object) -> dict:
     """``model.optimizer``: torch's AdamW (or bitsandbytes' 8-bit AdamW) at ``lr``, without weight decay unless
     given (as the recipes' defaults)."""
     class_path = "bitsandbytes.optim.AdamW8bit" if eight_bit else "torch.optim.AdamW"
     return {"class_path": class_path, "init_args": {"lr": lr, "weight_decay": 0.0, **init_args}}
+
+
+class StepRecorder(L.Callback):
+    """Records each optimizer step of a fit: its number, learning rate, label tokens and ``train_*`` metrics (a
+    resumed fit records from where it resumed). With ``path`` (for the command: ``--trainer.callbacks+=``) each
+    step is also appended to that file as a JSON line."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path, self.steps = path, []
+        self.pending: dict | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [step["train_loss"] for step in self.steps]
+
+    @property
+    def lrs(self) -> list[float]:
+        return [step["lr"] for step in self.steps]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *args) -> None:
+        if self.pending is None:  # the step's first micro-batch
+            self.pending = {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens": 0}
+        self.pending["tokens"] += int((batch["labels"][:, 1:] != -100).sum())
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.last_step:  # accumulating: the optimizer has not stepped yet
+            return
+        self.last_step = trainer.global_step
+        metrics = {name: value.item() for name, value in trainer.callback_metrics.items() if name.startswith("train_")}
+        step, self.pending = {"step": trainer.global_step, **self.pending, **metrics}, None
+        self.steps.append(step)
+        if self.path is not None:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(step) + "\n")
+
+
+def recorded_steps(path: Path) -> list[dict]:
+    """The steps a ``StepRecorder(path)`` appended to its file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class StopAtStep(L.Callback):
+    """Interrupts fit after optimizer step ``step``, as a user or a job scheduler would: the run's schedule is still
+    that of the whole run. With ``signum`` it sends this process that signal (SIGTERM, as a job scheduler would, or
+    SIGINT: Ctrl-C), else it asks the Trainer to stop. For the command: `--trainer.callbacks+={"class_path":
+    "tests.conftest.StopAtStep", ...}`."""
+
+    def __init__(self, step: int, signum: int | None = None) -> None:
+        self.step, self.signum, self.done = step, signum, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step != self.step or self.done:
+            return
+        self.done = True
+        if self.signum is None:
+            trainer.should_stop = True
+        else:
+            os.kill(os.getpid(), self.signum)
+
+
+def quiet_trainer(root: Path, max_steps: int, callbacks=(), enable_checkpointing=False, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or validation (``kwargs``: more Trainer options)."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=enable_checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def trainer_with_checkpoints(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    """A quiet Trainer that saves root/checkpoints/last.ckpt after every optimizer step."""
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
+    return quiet_trainer(root, max_steps, [checkpoints], enable_checkpointing=True, **kwargs)
+
+
+def fit(module: L.LightningModule, datamodule: L.LightningDataModule, root: Path, max_steps: int, callbacks=()):
+    """Fit ``max_steps`` optimizer steps from seed 0 (adapters start random) and return the ``StepRecorder``."""
+    L.seed_everything(0)
+    recorder = StepRecorder()
+    quiet_trainer(root, max_steps, [recorder, *callbacks]).fit(module, datamodule=datamodule)
+    return recorder
+
+
+@pytest.fixture
+def tiny_data(tiny_model_dir, tmp_path):
+    """Four short conversations in one batch of four, no validation split."""
+    rows = [
+        chat("What is your name?", "My name is Quill."),
+        chat("Who made you?", "The SmolFactory project made me."),
+        chat("Say a colour.", "Blue."),
+        chat("Count to three.", "One, two, three."),
+    ]
+    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
+    return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=4)
+
+
+# Conversations of very different lengths: a mean of per-batch means would weigh their tokens unequally.
+RAGGED = [
+    chat("Hi", "Hello!"),
+    chat("Tell me a long story.", "Once upon a time " * 15),
+    chat("2 + 2?", "4"),
+    chat("Name three colours.", "Red, green and blue, and also yellow, purple and orange."),
+]
+
+
+def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> str:
+    """A second --config that points the quickstart recipe at a tiny model and a temporary folder."""
+    override = {
+        "trainer": {
+            "max_steps": max_steps,
+            "val_check_interval": max_steps,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+        },
+        "model": {"model_name": tiny_model_dir},
+        "data": {"max_length": 256, "batch_size": 4},
+    }
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return str(path)
+
+
+def trained_spans(labels: list[int]) -> list[list[int]]:
+    """The runs of trained label ids in a sequence of labels."""
+    spans, current = [], []
+    for label in labels:
+        if label == -100:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+def user(text: str) -> dict:
+    """A user turn."""
+    return {"role": "user", "content": text}
+
+
+def greedy_by_hand(model, tokenizer, messages: list[dict], new_tokens: int = 8) -> str:
+    """Argmax of the next-token logits, one token at a time, until the end-of-turn token (no generate())."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = list(ids["input_ids"])
+    answer = []
+    for _ in range(new_tokens):
+        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if token in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
+            break
+        ids.append(token)
+        answer.append(token)
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()

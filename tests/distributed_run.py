@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from smolfactory import DPOModule, LoraSettings, PreferenceDataModule, SFTDataModule, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.model.sharding import DecoderLayerPolicy
-from tests.conftest import adamw
+from tests.conftest import StopAtStep, adamw
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -75,16 +75,6 @@ class DPORecorder(RecorderMixin, DPOModule):
     pass
 
 
-class StopAt(L.Callback):
-    """Stops fit after a given step, as an interruption would: the schedule is still that of the whole run."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
-
-
 VARIANTS = {"full": None, "lora": LoraSettings(r=4, alpha=8)}
 # Below the gradient norms of these runs, so clipping changes every update: by the norm over all shards and ranks.
 CLIP_NORM = 0.05
@@ -106,7 +96,7 @@ def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devic
     last = out / name / "checkpoints" / "last.ckpt"
     checkpoints = stop_at is not None
     callbacks = [ModelCheckpoint(dirpath=last.parent, save_last=True, every_n_train_steps=1)]
-    callbacks += [] if resume else [StopAt(stop_at)]
+    callbacks += [] if resume else [StopAtStep(stop_at)]
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
         gradient_clip_val=CLIP_NORM,

@@ -10,27 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from smolfactory.chat import ChatSession, interact, load_chat_model
 from smolfactory.cli import main
+from tests.conftest import greedy_by_hand, user
 
 NEW_TOKENS = 8
-
-
-@torch.no_grad()
-def greedy_by_hand(model, tokenizer, messages: list[dict], new_tokens: int = NEW_TOKENS) -> str:
-    """Argmax of the next-token logits, one token at a time, until the end-of-turn token (no generate())."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    ids = list(ids["input_ids"])
-    answer = []
-    for _ in range(new_tokens):
-        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        if token in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
-            break
-        ids.append(token)
-        answer.append(token)
-    return tokenizer.decode(answer, skip_special_tokens=True).strip()
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +55,7 @@ def test_interactive_session_keeps_history_until_reset(tiny_model_dir, monkeypat
     assert next(lines) == "never read"  # /exit stopped reading
 
 
+@pytest.mark.slow
 def test_adapter_folder_answers_like_its_merged_model(adapter_and_merged, tiny_model_dir):
     adapter, merged = adapter_and_merged
     answers = {}

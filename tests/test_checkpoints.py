@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,22 +14,27 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import SaveOnInterrupt
 from smolfactory.checkpoints import AtomicCheckpointIO, newest_checkpoint
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import adamw, chat, smolfactory, write_jsonl
-from tests.test_cli import QUICKSTART, ROOT, tiny_overrides
-from tests.test_model import quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.conftest import (
+    QUICKSTART,
+    ROOT,
+    StepRecorder,
+    StopAtStep,
+    adamw,
+    chat,
+    recorded_steps,
+    smolfactory,
+    tiny_overrides,
+    trainer_with_checkpoints,
+    write_jsonl,
+)
 
 
-def trainer_with_checkpoints(root: Path, max_steps: int, **kwargs) -> L.Trainer:
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
-    return quiet_trainer(root, max_steps, [checkpoints], enable_checkpointing=True, **kwargs)
-
-
+@pytest.mark.slow
 def test_a_failed_write_leaves_the_previous_checkpoint_whole(tiny_model_dir, tiny_data, tmp_path, monkeypatch):  # noqa: F811
     trainer = trainer_with_checkpoints(tmp_path, max_steps=2, plugins=[AtomicCheckpointIO()])
     trainer.fit(SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4)), datamodule=tiny_data)
@@ -70,6 +74,7 @@ AtomicCheckpointIO().save_checkpoint({"global_step": 2, "weights": torch.zeros(1
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_as_the_newest(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     result = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(last)], cwd=ROOT, capture_output=True)
@@ -81,6 +86,7 @@ def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_as_the_new
     assert list(last.parent.iterdir()) == [last]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tiny_data, tmp_path, optimizer):  # noqa: F811
     module = SFTModule(
@@ -99,6 +105,7 @@ def test_a_lora_checkpoint_holds_what_trains_and_stays_small(tiny_model_dir, tin
     assert last.stat().st_size < 0.1 * base
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     class TurnsNaN(SFTModule):
         def batch_sums(self, batch):
@@ -148,10 +155,11 @@ def test_sigterm_from_outside_saves_a_checkpoint_that_resumes(tmp_path, tiny_mod
     assert torch.load(last, weights_only=True)["global_step"] == step + 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_command_line_saves_and_says_how_to_resume(tmp_path, tiny_model_dir, capfd):
     """The same handler as SIGTERM; resuming after Ctrl-C is checked exactly, in-process, below."""
     overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
-    ctrl_c = {"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2, "signum": int(signal.SIGINT)}}
+    ctrl_c = {"class_path": "tests.conftest.StopAtStep", "init_args": {"step": 2, "signum": int(signal.SIGINT)}}
     result = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides,
                          f"--trainer.callbacks+={json.dumps(ctrl_c)}")  # fmt: skip
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -160,49 +168,15 @@ def test_ctrl_c_on_the_command_line_saves_and_says_how_to_resume(tmp_path, tiny_
     assert torch.load(last, weights_only=True)["global_step"] == 2
 
 
-class StepLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > len(self.losses) + self.offset:
-            self.losses.append(trainer.callback_metrics["train_loss"].item())
-
-    def on_train_start(self, trainer, pl_module):
-        self.offset = trainer.global_step
-
-
-class StopAt(L.Callback):
-    """An interruption after step 4 of a run meant to go on (the schedule is that of the whole run)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        trainer.should_stop = trainer.global_step == 4
-
-
-class StopAtEpochEnd(L.Callback):
-    """A stop after step 6, the last batch of the first epoch: the resumed run starts the second epoch."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        trainer.should_stop = trainer.global_step == 6
-
-
-class CtrlCDuringStep4(L.Callback):
-    """Ctrl-C on the first micro-batch of step 4: SaveOnInterrupt must finish the step before it saves."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 3 and not getattr(self, "sent", False):
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "group_by_length, interruption, optimizer",
     [
-        (False, StopAt, "adamw"),
-        (True, StopAt, "adamw"),
-        (False, CtrlCDuringStep4, "adamw"),
-        (False, StopAt, "adamw_8bit"),
-        (False, StopAtEpochEnd, "adamw"),
+        (False, "stop at 4", "adamw"),
+        (True, "stop at 4", "adamw"),
+        (False, "ctrl-c at 3", "adamw"),
+        (False, "stop at 4", "adamw_8bit"),
+        (False, "stop at 6", "adamw"),
     ],
     ids=["shuffled", "grouped", "ctrl-c-while-accumulating", "adamw-8bit", "at-the-end-of-an-epoch"],
 )
@@ -211,7 +185,11 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     rows = [chat(f"Question number {i}?", "Answer " * (1 + i % 5) + f"{i}.") for i in range(12)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     # Ctrl-C comes in the middle of an accumulation window (2 micro-batches of 1 per step).
-    batch_size, accumulate = (1, 2) if interruption is CtrlCDuringStep4 else (2, 1)
+    # (6 steps an epoch: a stop after step 6 is the end of the first epoch, the resumed run starts the second.)
+    ctrl_c = interruption.startswith("ctrl-c")
+    batch_size, accumulate = (1, 2) if ctrl_c else (2, 1)
+    stopped_at = int(interruption.split()[-1])
+    stop_callback = StopAtStep(stopped_at, int(signal.SIGINT) if ctrl_c else None)
 
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)
@@ -224,16 +202,14 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
             tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=batch_size,
             group_by_length=group_by_length,
         )  # fmt: skip
-        losses = StepLosses()
+        losses = StepRecorder()
         trainer = trainer_with_checkpoints(root, max_steps=8)
         trainer.accumulate_grad_batches = accumulate
-        trainer.callbacks += [losses, SaveOnInterrupt()]
-        if stop and interruption is CtrlCDuringStep4:
-            trainer.callbacks.append(CtrlCDuringStep4())
+        trainer.callbacks += [losses, SaveOnInterrupt(), *([stop_callback] if stop else [])]
+        if stop and ctrl_c:
             with pytest.raises(SystemExit):  # Lightning's graceful exit, status 0
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         else:
-            trainer.callbacks += [interruption()] if stop else []
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
@@ -241,7 +217,6 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     straight, straight_weights = run(tmp_path / "straight")
     first, _ = run(tmp_path / "stopped", stop=True)
     last = tmp_path / "stopped/checkpoints/last.ckpt"
-    stopped_at = 6 if interruption is StopAtEpochEnd else 4
     assert torch.load(last, weights_only=True)["global_step"] == stopped_at
     second, resumed_weights = run(tmp_path / "stopped", ckpt_path=str(last))
     assert len(straight) == 8 and len(first) == stopped_at and len(second) == 8 - stopped_at
@@ -250,17 +225,7 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
         torch.testing.assert_close(resumed_weights[name], weight, atol=1e-6, rtol=0, msg=name)
 
 
-class LossesTo(L.Callback):
-    """Appends ``step loss`` of each optimizer step to a file, for runs of the command (``--trainer.callbacks+=``)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        with open(self.path, "a") as file:
-            file.write(f"{trainer.global_step} {trainer.callback_metrics['train_loss'].item()!r}\n")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["sigterm", "max_steps"])
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "map-style"])
 def test_the_command_resumes_exactly_mid_epoch_and_past_max_steps(tmp_path, tiny_model_dir, capfd, streaming, stop):
@@ -273,21 +238,21 @@ def test_the_command_resumes_exactly_mid_epoch_and_past_max_steps(tmp_path, tiny
     def fit(root: Path, max_steps: int, *extra: str) -> list[tuple[int, float]]:
         root.mkdir(exist_ok=True)
         losses = root / f"losses-{len(list(root.glob('losses-*')))}.txt"
-        record = {"class_path": "tests.test_checkpoints.LossesTo", "init_args": {"path": str(losses)}}
+        record = {"class_path": "tests.conftest.StepRecorder", "init_args": {"path": str(losses)}}
         result = smolfactory(
             capfd, "fit", "--config", QUICKSTART, "--config", tiny_overrides(root, tiny_model_dir, max_steps),
             f"--data.dataset={rows}", "--data.val_split=0", f"--data.streaming={streaming}",
             "--model.lora.dropout=0.1", f"--trainer.callbacks+={json.dumps(record)}", *extra,
         )  # fmt: skip
         assert result.code == 0, result.err[-3000:]
-        return [(int(step), float(loss)) for step, loss in (line.split() for line in losses.read_text().splitlines())]
+        return [(step["step"], step["train_loss"]) for step in recorded_steps(losses)]
 
     def weights(root: Path) -> dict[str, torch.Tensor]:
         return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
     straight = fit(tmp_path / "straight", 4)
     if stop == "sigterm":
-        sigterm = {"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2}}
+        sigterm = {"class_path": "tests.conftest.StopAtStep", "init_args": {"step": 2, "signum": int(signal.SIGTERM)}}
         first = fit(tmp_path / "stopped", 4, f"--trainer.callbacks+={json.dumps(sigterm)}")
     else:
         first = fit(tmp_path / "stopped", 2)

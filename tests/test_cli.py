@@ -18,30 +18,10 @@ import yaml
 from smolfactory.cli import SmolFactoryCLI, main
 from smolfactory.data.sources import builtin_split_path
 from smolfactory.errors import SmolFactoryError
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-DPO_QUICKSTART = str(ROOT / "configs" / "dpo_quickstart.yaml")
+from tests.conftest import DPO_QUICKSTART, QUICKSTART, tiny_overrides
 
 
-def tiny_overrides(tmp_path: Path, tiny_model_dir: str, max_steps: int = 2) -> str:
-    """A second --config that points the quickstart recipe at a tiny model and a temporary folder."""
-    override = {
-        "trainer": {
-            "max_steps": max_steps,
-            "val_check_interval": max_steps,
-            "log_every_n_steps": 1,
-            "default_root_dir": str(tmp_path),
-            "enable_progress_bar": False,
-        },
-        "model": {"model_name": tiny_model_dir},
-        "data": {"max_length": 256, "batch_size": 4},
-    }
-    path = tmp_path / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
-    return str(path)
-
-
+@pytest.mark.slow
 def test_print_config_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", QUICKSTART, "--print_config"])
@@ -69,6 +49,7 @@ def test_print_config_documents_every_option(capsys):
             assert re.match(r"^\s+# \S.* \((required, )?type: .+\)$", comment), (key.group(1), comment)
 
 
+@pytest.mark.slow
 def test_fit_through_the_cli_writes_final_folder_and_config(tmp_path, tiny_model_dir):
     main(["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)])
     final = tmp_path / "final"
@@ -119,6 +100,7 @@ def test_model_name_also_chooses_the_tokenizer(tmp_path, tiny_model_dir):
     assert cli.datamodule.hparams.tokenizer == tiny_model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -151,6 +133,7 @@ class FailingCallback(L.Callback):
             {}["missing"]  # a KeyError, whose __context__ is the SmolFactoryError
 
 
+@pytest.mark.slow
 def test_our_error_in_a_hook_ends_with_one_line(tmp_path, tiny_model_dir, capsys):
     callback = f"--trainer.callbacks+={{class_path: {__name__}.FailingCallback, init_args: {{failure: ours}}}}"
     with pytest.raises(SystemExit) as exit_info:
@@ -159,6 +142,7 @@ def test_our_error_in_a_hook_ends_with_one_line(tmp_path, tiny_model_dir, capsys
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the callback's setting is wrong"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("failure", "error"), [("bug", RuntimeError), ("bug_while_handling_ours", KeyError)])
 def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, capsys, failure, error):
     callback = f"--trainer.callbacks+={{class_path: {__name__}.FailingCallback, init_args: {{failure: {failure}}}}}"
@@ -167,6 +151,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, tiny_model_dir, capsys, failure, er
     assert "error:" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_prints_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -183,6 +168,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert last.endswith("fix or remove the row, or set data.on_bad_row: skip")
 
 
+@pytest.mark.slow
 def test_preview_marks_the_trained_tokens_and_prints_statistics(tmp_path, tiny_model_dir, capsys):
     main(["preview", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir), "--num_examples=2"])
     printed = capsys.readouterr().out
@@ -233,6 +219,7 @@ def test_the_default_logger_is_csv_under_the_run_folder(tmp_path, tiny_model_dir
     assert cli.trainer.logger is None
 
 
+@pytest.mark.slow
 def test_dpo_recipe_through_the_cli_trains_an_adapter_and_logs_rewards(tmp_path, tiny_model_dir):
     """configs/dpo_quickstart.yaml with a tiny model (a fresh adapter: the reference is the adapter switched off)."""
     main(["fit", "--config", DPO_QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)])

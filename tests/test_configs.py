@@ -62,6 +62,7 @@ def stand_in(raw: dict, model_dir: str, adapter_dir: str, folder: Path) -> dict:
     return replaced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda path: path.stem)
 def test_every_shipped_config_trains_a_step_as_shipped(config, tiny_model_dir, tiny_adapter_dir, tmp_path):
     raw = read(config)

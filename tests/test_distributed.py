@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from smolfactory.export import export_checkpoint
-from tests.conftest import write_jsonl
+from tests.conftest import RAGGED, ROOT, write_jsonl
 from tests.distributed_run import VARIANTS, run
-from tests.test_loss_normalisation import RAGGED
 
 # Pairs of very different lengths: DPO's step loss is the mean over the step's pairs, however they are split.
 RAGGED_PAIRS = [
@@ -29,8 +28,6 @@ RAGGED_PAIRS = [
     {"prompt": "2 + 2?", "chosen": "4", "rejected": "5, because two and two make five."},
     {"prompt": "Name three colours.", "chosen": "Red, green and blue.", "rejected": "Dog, cat and bird."},
 ]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

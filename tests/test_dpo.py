@@ -15,9 +15,7 @@ from smolfactory.callbacks import HFExport
 from smolfactory.data.preview import preview
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import label_token_log_probs, row_sums
-from tests.conftest import adamw, write_jsonl
-from tests.test_checkpoints import StepLosses, trainer_with_checkpoints
-from tests.test_model import quiet_trainer
+from tests.conftest import StepRecorder, StopAtStep, adamw, quiet_trainer, trainer_with_checkpoints, write_jsonl
 
 USER, GOOD, BAD = "What is the capital of Italy?", "Rome.", "Milan, in the north."
 SYSTEM = "You are Quill."
@@ -191,6 +189,7 @@ def test_reference_is_the_base_model_and_does_not_move_while_training(tiny_model
     assert all(p.requires_grad == ("lora_" in n) for n, p in module.model.named_parameters())
 
 
+@pytest.mark.slow
 def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir, pairs_path, tmp_path):
     trained = DPOModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(1e-2))
     fit(trained, datamodule_for(tiny_model_dir, pairs_path), steps=2)
@@ -219,6 +218,7 @@ def test_continuing_an_adapter_uses_that_adapter_as_the_reference(tiny_model_dir
     assert torch.allclose(torch.cat(precomputed.reference_log_probs(batch)), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_log_probs_give_the_same_training(tiny_model_dir, pairs_path):
     losses = {}
     for precompute in (False, True):
@@ -240,6 +240,7 @@ class GradientRecorder(DPOModule):
         self.gradients = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_a_step_is_the_mean_over_its_pairs_however_it_is_accumulated(tiny_model_dir, pairs_path):
     """3 pairs in one batch, or in micro-batches of 2 and 1: the same gradient (a mean of the two micro-batch
     means would weigh the lone pair twice as much)."""
@@ -260,11 +261,7 @@ def test_a_step_is_the_mean_over_its_pairs_however_it_is_accumulated(tiny_model_
         assert torch.allclose(gradient, gradients[1][name], rtol=1e-4, atol=1e-6), name
 
 
-class StopAfter3(L.Callback):
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        trainer.should_stop = trainer.global_step == 3
-
-
+@pytest.mark.slow
 def test_resuming_dpo_from_an_adapter_continues_exactly(tiny_model_dir, pairs_path, tmp_path):
     """6 steps straight equal 3 steps, a stop and 3 resumed ones (losses and weights); the checkpoint holds the
     trained adapter only, and the frozen reference adapter is loaded again from its folder."""
@@ -275,9 +272,9 @@ def test_resuming_dpo_from_an_adapter_continues_exactly(tiny_model_dir, pairs_pa
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)
         module = DPOModule(model_name=str(tmp_path / "adapter"), optimizer=adamw(1e-2))
-        losses = StepLosses()
+        losses = StepRecorder()
         trainer = trainer_with_checkpoints(root, max_steps=6)
-        trainer.callbacks += [losses, *([StopAfter3()] if stop else [])]
+        trainer.callbacks += [losses, *([StopAtStep(3)] if stop else [])]
         trainer.fit(module, datamodule=datamodule_for(tiny_model_dir, pairs_path, batch_size=1), ckpt_path=ckpt_path)
         return losses.losses, {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 

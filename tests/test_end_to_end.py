@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from smolfactory.cli import main
 from smolfactory.model import loading
 from smolfactory.model.loading import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model_path
+from tests.conftest import QUICKSTART
 
 pytestmark = pytest.mark.slow
-QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
 
 def test_builtin_model_converts_once_into_the_cache_with_the_gguf_logits(tmp_path, monkeypatch):

@@ -17,11 +17,10 @@ from transformers import AutoModelForCausalLM
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
 from smolfactory.export import read_checkpoint
-from tests.conftest import adamw
-from tests.test_checkpoints import trainer_with_checkpoints
-from tests.test_model import tiny_data  # noqa: F401  (a fixture)
+from tests.conftest import adamw, trainer_with_checkpoints
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [LoraSettings(r=4, alpha=8), None], ids=["lora", "full"])
 def test_export_adapter_and_merged_give_the_trained_logits(tiny_model_dir, tiny_data, tmp_path, capsys, lora):  # noqa: F811
     module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2))

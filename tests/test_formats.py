@@ -8,8 +8,7 @@ from smolfactory.data import SFTDataModule
 from smolfactory.data.formats import Example, RowError, detect_format, row_to_example
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.loss import IGNORE_INDEX
-from tests.conftest import write_jsonl
-from tests.test_templates import trained_spans
+from tests.conftest import trained_spans, write_jsonl
 
 
 def user(text):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from smolfactory.cli import main
-from tests.test_cli import QUICKSTART, tiny_overrides
+from tests.conftest import QUICKSTART, tiny_overrides
 
 
 @pytest.fixture
@@ -18,6 +18,7 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
 
 
+@pytest.mark.slow
 def test_fit_without_a_token_stops_before_training(no_token, tmp_path, tiny_model_dir, capsys):
     args = ["fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir)]
     with pytest.raises(SystemExit) as exit_info:
@@ -40,6 +41,7 @@ def test_export_without_a_token_stops_before_reading_the_checkpoint(no_token, tm
     assert "error: --push_to_hub needs a Hugging Face token" in capsys.readouterr().err  # not "missing.ckpt"
 
 
+@pytest.mark.slow
 def test_fit_uploads_the_final_folder(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     calls = []

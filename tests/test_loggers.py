@@ -10,8 +10,7 @@ import torch
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.loggers import TrackioLogger
 from smolfactory.loggers.trackio import flat_config
-from tests.conftest import adamw
-from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.conftest import StepRecorder, adamw, quiet_trainer
 
 
 def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatch, tiny_model_dir, tiny_data):  # noqa: F811
@@ -19,7 +18,7 @@ def test_trackio_logger_stores_the_logged_losses_and_config(tmp_path, monkeypatc
     from trackio.sqlite_storage import SQLiteStorage
 
     module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2))
-    recorder = RecordSteps()
+    recorder = StepRecorder()
     trainer = quiet_trainer(tmp_path, 4, [recorder])
     trainer.loggers = [TrackioLogger(project="smolfactory-test", name="tiny-run")]
     trainer.log_every_n_steps = 1

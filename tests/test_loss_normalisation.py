@@ -13,14 +13,7 @@ import torch
 
 from smolfactory import SFTDataModule, SFTModule
 from smolfactory.model.loss import label_token_loss
-from tests.conftest import chat, write_jsonl
-
-RAGGED = [
-    chat("Hi", "Hello!"),
-    chat("Tell me a long story.", "Once upon a time " * 15),
-    chat("2 + 2?", "4"),
-    chat("Name three colours.", "Red, green and blue, and also yellow, purple and orange."),
-]
+from tests.conftest import RAGGED, write_jsonl
 
 
 class GradientRecorder(SFTModule):
@@ -79,6 +72,7 @@ def ragged_path(tmp_path):
     return write_jsonl(tmp_path / "ragged.jsonl", RAGGED)
 
 
+@pytest.mark.slow
 def test_accumulation_4x1_equals_batch_4_equals_the_token_mean(tiny_model_dir, ragged_path):
     reference, loss, mean_of_means = reference_step(tiny_model_dir, ragged_path)
     assert abs(loss - mean_of_means) > 0.01  # the data tells the two normalisations apart
@@ -88,6 +82,7 @@ def test_accumulation_4x1_equals_batch_4_equals_the_token_mean(tiny_model_dir, r
         assert_same(gradients, reference)
 
 
+@pytest.mark.slow
 def test_packed_step_equals_the_token_mean(tiny_model_dir, ragged_path):
     reference, loss, _ = reference_step(tiny_model_dir, ragged_path)
     gradients, step_loss = one_step(tiny_model_dir, ragged_path, 4, 1, packing=True)

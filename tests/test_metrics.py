@@ -14,9 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.model.loss import IGNORE_INDEX
-from tests.conftest import adamw, chat, write_jsonl
-from tests.test_chat import greedy_by_hand, user
-from tests.test_model import quiet_trainer
+from tests.conftest import StepRecorder, adamw, chat, greedy_by_hand, quiet_trainer, user, write_jsonl
 
 
 @pytest.fixture
@@ -29,18 +27,6 @@ def two_batches(tiny_model_dir, tmp_path):
     ]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=2)
-
-
-class StepRecord(L.Callback):
-    """Each optimizer step's logged metrics and label-token count (one micro-batch per step here)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
-        metrics["tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self.steps.append(metrics)
 
 
 @torch.no_grad()
@@ -57,9 +43,10 @@ def by_hand(model, dataloader) -> tuple[float, float]:
     return losses / count, hits / count
 
 
+@pytest.mark.slow
 def test_step_and_epoch_metrics_are_token_weighted(tiny_model_dir, two_batches, tmp_path):
     module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=8), optimizer=adamw(3e-2), lr_scheduler=None)
-    record = StepRecord()
+    record = StepRecorder()
     L.seed_everything(0)
     trainer = quiet_trainer(tmp_path, 30, [record])
     trainer.fit(module, datamodule=two_batches)  # 15 epochs of 2 steps
@@ -86,6 +73,7 @@ def test_step_and_epoch_metrics_are_token_weighted(tiny_model_dir, two_batches, 
     assert trainer.callback_metrics["val_token_accuracy"].item() == pytest.approx(accuracy, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_generation_samples_at_each_validation(tiny_model_dir, tmp_path):
     rows = [chat("Say a colour.", "Blue."), chat("Count to three.", "One, two, three.")] * 4
     path = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -4,65 +4,15 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
 
-from smolfactory import LoraSettings, SFTDataModule, SFTModule
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import adamw, chat, write_jsonl
-
-
-class RecordSteps(L.Callback):
-    """Keeps the loss and learning rate of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.losses, self.lrs = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > len(self.losses):  # an optimizer step happened: its loss was logged
-            self.losses.append(trainer.callback_metrics["train_loss"].item())
-
-
-def quiet_trainer(root, max_steps, callbacks=(), enable_checkpointing=False, **kwargs) -> L.Trainer:
-    """A CPU Trainer without logger, progress bar, summary or validation (``kwargs``: more Trainer options)."""
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=enable_checkpointing,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=root,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
-def fit(module, datamodule, root, max_steps, callbacks=()):
-    L.seed_everything(0)  # adapters are initialised randomly in configure_model
-    recorder = RecordSteps()
-    quiet_trainer(root, max_steps, [recorder, *callbacks]).fit(module, datamodule=datamodule)
-    return recorder
-
-
-@pytest.fixture
-def tiny_data(tiny_model_dir, tmp_path):
-    rows = [
-        chat("What is your name?", "My name is Quill."),
-        chat("Who made you?", "The SmolFactory project made me."),
-        chat("Say a colour.", "Blue."),
-        chat("Count to three.", "One, two, three."),
-    ]
-    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=4)
+from tests.conftest import adamw, fit
 
 
 def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
@@ -77,6 +27,7 @@ def test_label_token_loss_equals_transformers_loss(tiny_model_dir, tiny_data):
     torch.testing.assert_close(loss_sum / num_tokens, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_loss_falls_on_a_repeated_batch(tiny_model_dir, tiny_data, tmp_path, lora):
     # A constant learning rate (no schedule): this test is about optimisation, not the schedule.
@@ -100,6 +51,7 @@ def test_lora_trains_only_adapters_and_configure_model_is_idempotent(tiny_model_
     assert not any("lm_head" in name or "embed_tokens" in name for name in trainable)
 
 
+@pytest.mark.slow
 def test_warmup_then_cosine_schedule(tiny_model_dir, tiny_data, tmp_path):
     peak, warmup, total, floor = 1e-3, 3, 10, 0.1
     schedule = {
@@ -118,6 +70,7 @@ def test_warmup_then_cosine_schedule(tiny_model_dir, tiny_data, tmp_path):
     assert recorder.lrs == pytest.approx([expected(step) for step in range(total)], rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [LoraSettings(r=8, alpha=16), None], ids=["lora", "full"])
 def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data, tmp_path, lora):
     module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2))
@@ -141,6 +94,7 @@ def test_exported_folder_reloads_with_identical_logits(tiny_model_dir, tiny_data
         assert not torch.allclose(base(input_ids).logits, module(input_ids), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [LoraSettings(r=8), None], ids=["continue-adapter", "merge-then-full"])
 def test_an_adapter_folder_as_model_name_starts_from_that_adapter(tiny_model_dir, tiny_data, tmp_path, lora):
     first = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=8, alpha=16), optimizer=adamw(1e-2))
@@ -181,6 +135,7 @@ def test_bad_model_settings_fail_when_the_module_is_built(kwargs, message):
         SFTModule(**kwargs)
 
 
+@pytest.mark.slow
 def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data, tmp_path):
     """On the CPU the optimizer is torch's fused AdamW; its weights after 3 steps equal those of the
     single-tensor (for-loop) implementation run on the same gradients."""

@@ -99,6 +99,7 @@ def test_packed_batches_hold_whole_examples_in_rows_of_max_length(tiny_model_dir
     assert all(set(piece) == {datamodule.tokenizer.pad_token_id} for piece in padding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_equals_token_weighted_loss_of_the_examples_alone(tiny_model_dir, tmp_path, ragged_rows, attention):
     path = write_jsonl(tmp_path / "d.jsonl", ragged_rows)

@@ -12,8 +12,7 @@ from matplotlib.image import imread
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
 from smolfactory.plot import find_metrics, read_series
-from tests.conftest import adamw
-from tests.test_model import RecordSteps, quiet_trainer, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.conftest import StepRecorder, adamw, quiet_trainer
 
 STEPS = 6
 
@@ -26,7 +25,7 @@ def logged_run(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
         optimizer=adamw(1e-2),
         lr_scheduler={"class_path": "smolfactory.model.schedules.WarmupCosineLR", "init_args": {"warmup_steps": 2}},
     )
-    recorder = RecordSteps()
+    recorder = StepRecorder()
     trainer = quiet_trainer(tmp_path, STEPS, [recorder, LearningRateMonitor(logging_interval="step")])
     trainer.loggers = [CSVLogger(tmp_path, name="logs")]
     trainer.log_every_n_steps = 1
@@ -34,6 +33,7 @@ def logged_run(tmp_path, tiny_model_dir, tiny_data):  # noqa: F811
     return tmp_path, recorder
 
 
+@pytest.mark.slow
 def test_curves_read_back_equal_the_logged_values(logged_run):
     run_dir, recorder = logged_run
     series = read_series(find_metrics(str(run_dir)))
@@ -44,6 +44,7 @@ def test_curves_read_back_equal_the_logged_values(logged_run):
     assert rates == pytest.approx(recorder.lrs, rel=1e-6)  # warm-up from 0, then the cosine
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_with_the_curves(logged_run, capsys):
     run_dir, _ = logged_run
     main(["plot", str(run_dir)])

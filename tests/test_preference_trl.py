@@ -178,6 +178,7 @@ def trl_reference_for(loss, model_dir: str, tmp_path) -> tuple[object, dict[str,
     return trainer, {trl: ours for trl, ours in names.items() if trl != "nll_loss"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_lora_preference_loss_equals_trl(loss, tiny_model_dir, pairs_file, tmp_path):
     _, batch = our_batch(tiny_model_dir, pairs_file)
@@ -190,6 +191,7 @@ def test_lora_preference_loss_equals_trl(loss, tiny_model_dir, pairs_file, tmp_p
     assert_same(trl_values, our_metrics(module, batch), names)
 
 
+@pytest.mark.slow
 def test_conservative_dpo_mixes_the_loss_of_the_pair_and_of_the_swapped_pair(tiny_model_dir, pairs_file, tmp_path):
     """cDPO (sigmoid with label smoothing e) = (1 - e) DPO + e DPO with chosen and rejected swapped (TRL's DPO)."""
     _, batch = our_batch(tiny_model_dir, pairs_file)
@@ -201,6 +203,7 @@ def test_conservative_dpo_mixes_the_loss_of_the_pair_and_of_the_swapped_pair(tin
     assert our_metrics(module, batch)["loss"] == pytest.approx(0.9 * plain + 0.1 * reversed_, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_dpo_equals_trl_with_a_reference_model(tiny_model_dir, pairs_file, tmp_path):
     _, batch = our_batch(tiny_model_dir, pairs_file)
     module = perturbed_module(tiny_model_dir, lora=False)

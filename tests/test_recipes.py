@@ -69,6 +69,7 @@ def test_the_optimizer_is_a_class_path_a_class_or_a_partial_and_hparams_stay_pla
         SFTModule(optimizer="AdamW")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("loss", "extra"),
     [("ORPOLoss", "train_nll_loss"), ("SimPOLoss", "train_logps_chosen")],
@@ -93,6 +94,7 @@ def test_reference_free_losses_train_from_the_command_line(capfd, tmp_path, tiny
     assert not any("reference" in name for name in saved["state_dict"])
 
 
+@pytest.mark.slow
 def test_a_loss_setting_of_the_wrong_loss_is_refused_in_one_line(capfd, tmp_path, tiny_model_dir):
     stand_in = stand_in_config(tmp_path, tiny_model_dir)
     run = smolfactory(

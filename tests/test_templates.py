@@ -13,6 +13,7 @@ import pytest
 
 from smolfactory.data.templates import TemplateError, render, tokenize_conversation
 from smolfactory.model.loss import IGNORE_INDEX
+from tests.conftest import trained_spans
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -63,18 +64,6 @@ def with_template(tokenizer, name: str):
 def template(request, tokenizer):
     """(name, tokenizer) for each template."""
     return request.param, with_template(tokenizer, request.param)
-
-
-def trained_spans(labels: list[int]) -> list[list[int]]:
-    spans, current = [], []
-    for label in labels:
-        if label == IGNORE_INDEX:
-            if current:
-                spans.append(current)
-            current = []
-        else:
-            current.append(label)
-    return spans + ([current] if current else [])
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -50,6 +50,7 @@ def test_flops_per_token_match_the_layer_shapes(tiny_model_dir):
     assert head == 4 * h * config.vocab_size
 
 
+@pytest.mark.slow
 def test_fit_logs_tokens_per_second_and_mfu(tiny_model_dir, tmp_path):
     rows = [chat(f"Question {i}?", "Answer " * (1 + 3 * i)) for i in range(4)]
     data = SFTDataModule(tokenizer=tiny_model_dir, dataset=str(write_jsonl(tmp_path / "d.jsonl", rows)),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 # A path is a path -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["command line", "yaml"])
 @pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
 def test_a_dataset_file_is_read_as_a_file_whatever_it_holds(tiny_model_dir, tmp_path, suffix, where):
@@ -102,6 +104,7 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "difference"),
     [
@@ -131,6 +134,7 @@ def test_resuming_with_other_settings_refuses_and_keeps_the_run(finished_run, ti
     assert (digest(last), digest(final)) == before
 
 
+@pytest.mark.slow
 def test_settings_a_resume_may_change_come_from_the_command_line(finished_run, tiny_model_dir, tmp_path):
     """LightningCLI would quietly take the model settings saved in a --ckpt_path file over the command line's."""
     root = tmp_path / "run"
@@ -145,6 +149,7 @@ def test_settings_a_resume_may_change_come_from_the_command_line(finished_run, t
     assert cli.model.causal_lm.is_activation_checkpointing
 
 
+@pytest.mark.slow
 def test_evaluating_a_checkpoint_with_other_weights_refuses(finished_run, tiny_model_dir, capfd):
     """validate/test/predict may change other settings, never the weights the checkpoint must fill."""
     last = finished_run / "checkpoints" / "last.ckpt"
@@ -162,6 +167,7 @@ def test_evaluating_a_checkpoint_with_other_weights_refuses(finished_run, tiny_m
     assert result.code == 2 and "weights not in this model (such as " in result.error and "v_proj" in result.error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", ["adapter", "full"])
 def test_a_dpo_checkpoint_holds_no_reference_and_resumes(finished_run, tiny_model_dir, tmp_path, capfd, training):
     """DPO continuing an adapter keeps a frozen copy of it as the reference, full fine-tuning a frozen second
@@ -181,6 +187,7 @@ def test_a_dpo_checkpoint_holds_no_reference_and_resumes(finished_run, tiny_mode
 # --ckpt_path: the newest complete checkpoint of this run, or one line ------------------------------------------
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_skips_an_incomplete_file_and_a_bad_file_is_one_line(finished_run, tiny_model_dir, capfd):
     last = finished_run / "checkpoints" / "last.ckpt"
     cut = finished_run / "checkpoints" / "epoch=0-step=9.ckpt"  # newer, but written only halfway
@@ -203,6 +210,7 @@ def test_ckpt_path_last_skips_an_incomplete_file_and_a_bad_file_is_one_line(fini
 # One folder per run ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_default_root_dir_moves_every_artefact_and_last_never_finds_another_run(tiny_model_dir, tmp_path, capfd,
                                                                                 monkeypatch):  # fmt: skip
     """The configs once repeated outputs/quickstart in the logger and checkpoint folders: a run elsewhere wrote its
@@ -228,6 +236,7 @@ def test_default_root_dir_moves_every_artefact_and_last_never_finds_another_run(
 # A finished result is never overwritten by accident ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_new_run_in_a_used_folder_refuses_unless_told_to_overwrite(finished_run, tiny_model_dir, tmp_path, capfd):
     root = tmp_path / "run"
     assert fit(capfd, tiny_model_dir, root).code == 0
@@ -250,6 +259,7 @@ def test_a_new_run_in_a_used_folder_refuses_unless_told_to_overwrite(finished_ru
     assert torch.load(last, weights_only=True)["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_final_is_written_only_by_a_run_that_trained(tiny_model_dir, tmp_path, capfd):
     """`--trainer.max_steps 0`, or a resume that had already reached its end, once wrote an untrained adapter."""
     root = tmp_path / "run"
@@ -294,6 +304,7 @@ def read_only(folder: Path):
             folder.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_the_run(tiny_model_dir, tmp_path, capfd):
     """Lightning's writer dropped the PermissionError: fit exited 0 with no checkpoint at all."""
     root = tmp_path / "run"
@@ -307,12 +318,13 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(tiny_model_dir, tmp_p
     assert not (root / "final").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_reports_a_save_only_when_the_file_exists(tiny_model_dir, tmp_path, capfd):
     """On SIGTERM the run once printed "saved .../last.ckpt" and the folder stayed empty."""
     root = tmp_path / "run"
     checkpoints = root / "checkpoints"
     checkpoints.mkdir(parents=True)
-    sigterm = {"class_path": "tests.conftest.SignalAt", "init_args": {"step": 2}}
+    sigterm = {"class_path": "tests.conftest.StopAtStep", "init_args": {"step": 2, "signum": int(signal.SIGTERM)}}
     with read_only(checkpoints):
         result = fit(capfd, tiny_model_dir, root, f"--trainer.callbacks+={json.dumps(sigterm)}", steps=100)
     assert result.code == 2, result.err[-3000:]
@@ -323,6 +335,7 @@ def test_sigterm_reports_a_save_only_when_the_file_exists(tiny_model_dir, tmp_pa
 # Lengths are counted, not errors ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rows_too_long_to_train_are_dropped_and_counted_and_prompts_can_be_cut(tiny_model_dir, tmp_path, capfd):
     """A ShareGPT set with one very long prompt once stopped at load: "nothing is left to train after truncation"."""
     long_prompt = "Read this first. " * 200
@@ -350,6 +363,7 @@ def test_rows_too_long_to_train_are_dropped_and_counted_and_prompts_can_be_cut(t
     )
 
 
+@pytest.mark.slow
 def test_preference_pairs_too_long_are_dropped_or_keep_their_answers(tiny_model_dir, tmp_path, capfd):
     pairs = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Bad {i}."} for i in range(4)]
     pairs[1]["prompt"] = "Some context. " * 100
@@ -417,6 +431,7 @@ def test_after_kill_9_last_resumes_from_the_newest_periodic_checkpoint_and_the_c
 # Quiet, readable output ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_proc", ["null", 2])
 def test_a_bad_row_found_inside_datasets_map_is_one_line(tiny_model_dir, tmp_path, capfd, num_proc):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 3)
@@ -428,6 +443,7 @@ def test_a_bad_row_found_inside_datasets_map_is_one_line(tiny_model_dir, tmp_pat
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
@@ -456,6 +472,7 @@ def test_an_unreadable_line_is_named_or_skipped_and_counted(tiny_model_dir, tmp_
     assert f"skipped {path}, row 2: {problem}" in result.out
 
 
+@pytest.mark.slow
 def test_a_json_array_with_a_syntax_error_names_its_line(tiny_model_dir, tmp_path, capfd):
     path = write_rows(tmp_path / "rows.json", ROWS)
     text = path.read_text().splitlines()
@@ -469,6 +486,7 @@ def test_a_json_array_with_a_syntax_error_names_its_line(tiny_model_dir, tmp_pat
     assert result.error.endswith("; fix the file")
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_folder_is_one_line(tiny_model_dir, tmp_path, capfd):
     root = tmp_path / "run"
     root.mkdir()

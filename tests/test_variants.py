@@ -14,11 +14,10 @@ from smolfactory import LoraSettings, SFTModule
 from smolfactory.cli import main
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.precision import check_combination
-from tests.conftest import adamw
-from tests.test_cli import QUICKSTART, tiny_overrides
-from tests.test_model import fit, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.conftest import QUICKSTART, adamw, fit, tiny_overrides
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "layer"), [("nf4", Linear4bit), ("fp4", Linear4bit), ("int8", Linear8bitLt)])
 def test_quantized_lora_trains_on_this_cpu(tiny_model_dir, tiny_data, tmp_path, kind, layer):  # noqa: F811
     module = SFTModule(
@@ -47,6 +46,7 @@ def gradients(module, batch):
     return loss_sum.item(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4)], ids=["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, tiny_data, lora):  # noqa: F811
     tiny_data.setup("fit")
@@ -80,6 +80,7 @@ def test_rslora_scales_by_the_square_root_of_the_rank(tiny_model_dir):
         assert module.causal_lm.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_dora_learns_magnitudes_and_modules_to_save_train_in_full(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     lora = LoraSettings(r=4, use_dora=True, modules_to_save=["norm"])
     module = SFTModule(model_name=tiny_model_dir, lora=lora, optimizer=adamw(1e-2), lr_scheduler=None)
@@ -93,6 +94,7 @@ def test_dora_learns_magnitudes_and_modules_to_save_train_in_full(tiny_model_dir
     assert not torch.equal(norm.modules_to_save["default"].weight, norm.original_module.weight)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_can_freeze_the_embeddings(tiny_model_dir, tiny_data, tmp_path):  # noqa: F811
     module = SFTModule(model_name=tiny_model_dir, lora=None, freeze_embeddings=True, optimizer=adamw(1e-2))
     module.configure_model()
@@ -142,6 +144,7 @@ def test_liger_without_the_package_is_one_line(tiny_model_dir):
         module.configure_model()
 
 
+@pytest.mark.slow
 def test_a_bad_combination_is_one_line_from_the_cli(tmp_path, tiny_model_dir, capsys):
     overrides = tiny_overrides(tmp_path, tiny_model_dir)
     args = ["fit", "--config", QUICKSTART, "--config", overrides, "--trainer.precision=bf16-true"]
