@@ -21,6 +21,12 @@ from smolfactory import SFTDataModule
 from smolfactory.cli import main
 from smolfactory.model.loading import DEFAULT_MODEL, resolve_model_path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs two pytest processes on two cores: one thread each (and in the commands they start), or the
+    # two would fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def builtin_path() -> str:

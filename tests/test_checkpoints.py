@@ -188,8 +188,10 @@ def test_resume_mid_epoch_continues_exactly(tiny_model_dir, tmp_path, group_by_l
     # (6 steps an epoch: a stop after step 6 is the end of the first epoch, the resumed run starts the second.)
     ctrl_c = interruption.startswith("ctrl-c")
     batch_size, accumulate = (1, 2) if ctrl_c else (2, 1)
-    stopped_at = int(interruption.split()[-1])
-    stop_callback = StopAtStep(stopped_at, int(signal.SIGINT) if ctrl_c else None)
+    step = int(interruption.split()[-1])
+    stop_callback = StopAtStep(step, int(signal.SIGINT) if ctrl_c else None)
+    # Ctrl-C after step 3 lands as step 4's micro-batches begin: SaveOnInterrupt finishes step 4, then saves.
+    stopped_at = step + 1 if ctrl_c else step
 
     def run(root, ckpt_path=None, stop=False):
         L.seed_everything(0)

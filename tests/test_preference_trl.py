@@ -16,6 +16,7 @@ from smolfactory import DPOModule, LoraSettings, PreferenceDataModule
 from smolfactory.model.preference_losses import DPOLoss, DPOLossType, ORPOLoss, PreferenceLoss, SimPOLoss
 from tests import trl_reference
 from tests.conftest import write_jsonl
+from tests.trl_reference import PAIRS
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -24,21 +25,6 @@ peft = pytest.importorskip("peft")
 BETA = 0.3
 
 
-def pair(prompt: str, chosen: str, rejected: str, system: str | None = None) -> dict:
-    messages = [{"role": "system", "content": system}] if system else []
-    return {
-        "prompt": [*messages, {"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-
-
-PAIRS = [
-    pair("What is the capital of France?", "Paris.", "The capital of France is Lyon, a city on the Rhone."),
-    pair("Who are you?", "I'm Quill, made by the SmolFactory project.", "I'm ChatGPT."),
-    pair("Give me a tip for sleeping well.", "Keep a regular bedtime and dim the lights.", "No.", system="Be kind."),
-    pair("2 + 2?", "4", "5, obviously, since two and two make five."),
-]
 # TRL's names for the metrics, and ours.
 METRICS = {
     "rewards/chosen": "rewards_chosen",
