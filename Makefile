@@ -1,8 +1,8 @@
 # make quickstart   install into .venv and fine-tune the built-in model (outputs/quickstart/final)
 # make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite (two processes)
-# make test-fast    lint + the tests not marked slow (skips the real-model and notebook runs, the 2-process
-#                   DDP/FSDP runs, SIGTERM and kill -9 from outside, torch.compile)
+# make test-fast    lint + the tests not marked slow, about a minute (slow: everything that trains, runs the
+#                   command or TRL, the notebook, the real model, 2-process DDP/FSDP, SIGTERM and kill -9)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
