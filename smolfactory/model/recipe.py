@@ -63,6 +63,8 @@ class RecipeModule(L.LightningModule):
     """Metrics that are exp of another's mean (SFT: perplexity of the loss)."""
     PROGRESS_BAR: ClassVar[frozenset[str]] = frozenset({"loss"})
     """Metrics shown on the progress bar."""
+    loss_count_name: ClassVar[str] = "items"
+    """What the loss is a mean over (tokens, pairs): logged as train_<name>, the epoch's total."""
 
     def __init__(
         self,
@@ -216,9 +218,6 @@ class RecipeModule(L.LightningModule):
         self.update_epoch_metrics("train", sums, suffix="_epoch")
         self.log(f"train_{self.loss_count_name}", sums["loss"].count, reduce_fx="sum", on_step=False, on_epoch=True)
         self._step_sums.zero_()
-
-    loss_count_name: ClassVar[str] = "items"
-    """What the loss is a mean over (tokens, pairs): logged as train_<name>, the epoch's total."""
 
     def normalize_gradients(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         """Turn the accumulated gradient of summed losses into that of the mean over ``count`` items of the step.
