@@ -8,9 +8,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from smolfactory.model.loss import label_token_loss
-from smolfactory.model.recipe import RecipeModule, Sum
+from smolfactory.model.recipe import ADAMW, RecipeModule, Sum
 
-SFT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
 WARMUP_COSINE = {"class_path": "smolfactory.model.schedules.WarmupCosineLR", "init_args": {"warmup_steps": 0}}
 
 
@@ -23,7 +22,7 @@ class SFTModule(RecipeModule):
 
     def __init__(
         self,
-        optimizer: OptimizerCallable = SFT_OPTIMIZER,  # noqa: B006 (never mutated)
+        optimizer: OptimizerCallable = ADAMW,  # noqa: B006 (never mutated)
         lr_scheduler: LRSchedulerCallable | None = WARMUP_COSINE,  # noqa: B006
         **kwargs: Any,
     ) -> None:
