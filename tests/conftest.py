@@ -236,6 +236,12 @@ def fit(module: L.LightningModule, datamodule: L.LightningDataModule, root: Path
     return recorder
 
 
+def conversations(tmp_path: Path, tokenizer: str, rows: list[dict], batch_size: int) -> SFTDataModule:
+    """An SFTDataModule over ``rows`` written to a file, without a validation split."""
+    path = write_jsonl(tmp_path / "conversations.jsonl", rows)
+    return SFTDataModule(tokenizer=tokenizer, dataset=str(path), val_split=0, batch_size=batch_size)
+
+
 @pytest.fixture
 def tiny_data(tiny_model_dir, tmp_path):
     """Four short conversations in one batch of four, no validation split."""
@@ -245,8 +251,7 @@ def tiny_data(tiny_model_dir, tmp_path):
         chat("Say a colour.", "Blue."),
         chat("Count to three.", "One, two, three."),
     ]
-    path = write_jsonl(tmp_path / "tiny.jsonl", rows)
-    return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=4)
+    return conversations(tmp_path, tiny_model_dir, rows, batch_size=4)
 
 
 # Conversations of very different lengths: a mean of per-batch means would weigh their tokens unequally.

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.model.loss import IGNORE_INDEX
-from tests.conftest import StepRecorder, adamw, chat, greedy_by_hand, quiet_trainer, user, write_jsonl
+from tests.conftest import StepRecorder, adamw, chat, conversations, greedy_by_hand, quiet_trainer, user, write_jsonl
 
 
 @pytest.fixture
@@ -25,8 +25,7 @@ def two_batches(tiny_model_dir, tmp_path):
         chat("Count to three.", "One, two, three."),
         chat("Who made you?", "The SmolFactory project made me."),
     ]
-    path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    return SFTDataModule(tokenizer=tiny_model_dir, dataset=str(path), val_split=0, batch_size=2)
+    return conversations(tmp_path, tiny_model_dir, rows, batch_size=2)
 
 
 @torch.no_grad()

@@ -25,16 +25,8 @@ peft = pytest.importorskip("peft")
 BETA = 0.3
 
 
-# TRL's names for the metrics, and ours.
-METRICS = {
-    "rewards/chosen": "rewards_chosen",
-    "rewards/rejected": "rewards_rejected",
-    "rewards/accuracies": "reward_accuracy",
-    "rewards/margins": "reward_margin",
-    "logps/chosen": "logps_chosen",
-    "logps/rejected": "logps_rejected",
-    "logits/chosen": "logits_chosen",
-    "logits/rejected": "logits_rejected",
+# TRL's names for the DPO metrics, and ours: those ORPO and CPO share, without their NLL, plus two of DPO's own.
+METRICS = {trl: ours for trl, ours in trl_reference.METRICS.items() if trl != "nll_loss"} | {
     "mean_token_accuracy": "token_accuracy",
     "entropy": "entropy",
 }
