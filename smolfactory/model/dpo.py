@@ -57,7 +57,8 @@ class DPOModule(RecipeModule):
         Args:
             loss: The preference loss and its settings: smolfactory.model.preference_losses.DPOLoss {beta, loss_type,
                 label_smoothing} (DPO, IPO, hinge, ... with TRL's formulas), ORPOLoss {beta} or SimPOLoss {beta,
-                gamma_beta_ratio} (both without a reference model).
+                gamma_beta_ratio} (both without a reference model). Switching the class on the command line
+                keeps same-named arguments (beta): give them again.
             precompute_ref_log_probs: Compute the reference log-probabilities once before training, then train
                 without the reference model (full fine-tuning keeps no second copy).
             optimizer: Optimizer class path and arguments (see SFTModule); weight decay on matrices only.
