@@ -25,7 +25,7 @@ from smolfactory.model.build import causal_lm_of, frozen_copy
 from smolfactory.model.loading import adapter_base_model, resolve_model_path
 from smolfactory.model.loss import IGNORE_INDEX, label_token_log_probs, row_sums
 from smolfactory.model.preference_losses import DPOLoss, PairLogProbs, PreferenceLoss
-from smolfactory.model.recipe import RecipeModule, Sum
+from smolfactory.model.recipe import RecipeModule, Sum, class_path
 from smolfactory.model.sft import WARMUP_COSINE
 
 REFERENCE_ADAPTER = "reference"
@@ -71,7 +71,7 @@ class DPOModule(RecipeModule):
         self.pair_loss = loss
         # Plain values in hparams, so that checkpoints load with torch.load(weights_only=True).
         if not isinstance(self.hparams.loss, dict):
-            self.hparams.loss = {"class_path": class_path(loss), "init_args": dataclasses.asdict(loss)}
+            self.hparams.loss = {"class_path": class_path(type(loss)), "init_args": dataclasses.asdict(loss)}
         if precompute_ref_log_probs and not loss.needs_reference:
             raise SmolFactoryError(
                 f"model.precompute_ref_log_probs: {type(loss).__name__} uses no reference model; set it to false"
@@ -199,10 +199,6 @@ class DPOModule(RecipeModule):
             )
         finally:
             self._precomputing = False
-
-
-def class_path(instance: object) -> str:
-    return f"{type(instance).__module__}.{type(instance).__qualname__}"
 
 
 @contextlib.contextmanager

@@ -446,9 +446,9 @@ def class_config(value: Any, option: str) -> ClassConfig:
     if isinstance(value, dict) and "class_path" in value:
         config = {"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})}
     elif isinstance(value, type):
-        config = {"class_path": f"{value.__module__}.{value.__qualname__}", "init_args": {}}
+        config = {"class_path": class_path(value), "init_args": {}}
     elif isinstance(getattr(value, "func", None), type) and not getattr(value, "args", ()):
-        config = {"class_path": f"{value.func.__module__}.{value.func.__qualname__}", "init_args": dict(value.keywords)}
+        config = {"class_path": class_path(value.func), "init_args": dict(value.keywords)}
     else:
         raise SmolFactoryError(
             f"{option}: give a class path and its arguments, e.g. {{class_path: torch.optim.AdamW, init_args: "
@@ -456,6 +456,11 @@ def class_config(value: Any, option: str) -> ClassConfig:
         )
     import_class(config["class_path"], option)  # a missing package fails now, in one line, not at the first step
     return config
+
+
+def class_path(cls: type) -> str:
+    """The dotted path a class is imported by: ``torch.optim.adamw.AdamW``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def import_class(class_path: str, option: str = "class_path") -> type:
