@@ -258,11 +258,9 @@ class RecipeModule(L.LightningModule):
     def update_epoch_metrics(self, stage: str, sums: dict[str, Sum], suffix: str = "") -> None:
         """Update the epoch's weighted means; Lightning computes, logs and resets them at the epoch's end."""
         metrics = getattr(self, f"{stage}_metrics")
-        for name in self.METRICS:
-            total, count = sums[name]
-            weight = count.detach().float().clamp(min=1)
-            metrics[name].update(total.detach().float() / weight, weight=weight)
-        for name, source in self.EXP_METRICS.items():
+        # A metric's mean over the batch, weighted by its count; an exp metric (perplexity) takes its source's.
+        sources = {name: name for name in self.METRICS} | self.EXP_METRICS
+        for name, source in sources.items():
             total, count = sums[source]
             weight = count.detach().float().clamp(min=1)
             metrics[name].update(total.detach().float() / weight, weight=weight)
