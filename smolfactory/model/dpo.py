@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from peft import PeftModel
 
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.build import causal_lm_of, frozen_copy
-from smolfactory.model.loading import adapter_base_model, resolve_model_path
+from smolfactory.model.build import causal_lm_of
 from smolfactory.model.loss import IGNORE_INDEX, label_token_log_probs, row_sums
 from smolfactory.model.preference_losses import DPOLoss, PairLogProbs, PreferenceLoss
 from smolfactory.model.recipe import RecipeModule, Sum, class_path
+from smolfactory.model.reference import load_reference, reference_of
 from smolfactory.model.sft import WARMUP_COSINE
 
-REFERENCE_ADAPTER = "reference"
 DPO_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-6, "weight_decay": 0.0}}
 # Every preference loss reports these; a loss adds its own (ORPO: nll_loss, log_odds_ratio, log_odds_chosen).
 PAIR_METRICS = (
@@ -85,45 +82,23 @@ class DPOModule(RecipeModule):
         super().configure_model()
         if not self.pair_loss.needs_reference:
             return
-        path = resolve_model_path(self.hparams.model_name)
-        if self.lora is not None and adapter_base_model(path) is not None:
-            # Training continues an adapter: the reference is that adapter as loaded, kept frozen beside it.
-            self.model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-            self.model.train()  # peft switched the whole model to eval mode (dropout off) for the frozen adapter
-        elif self.lora is None and not self.hparams.precompute_ref_log_probs:
-            if self.device_mesh is not None:
-                raise SmolFactoryError(
-                    "full fine-tuning DPO with a sharded model has no frozen reference copy yet; set "
-                    "model.precompute_ref_log_probs: true"
-                )
-            # A second model, frozen; loaded again, as the policy may already be sharded or compiled.
-            trainer = self.attached_trainer
-            self.reference_model = frozen_copy(
-                self.model_settings, None, trainer.precision if trainer is not None else None
-            )
+        if self.lora is None and self.hparams.precompute_ref_log_probs:
+            return  # the policy computes the reference log-probabilities once, before its first step
+        trainer = self.attached_trainer
+        self.reference_model = load_reference(
+            self.model,
+            self.model_settings,
+            self.lora,
+            trainer.precision if trainer is not None else None,
+            sharded=self.device_mesh is not None,
+            no_copy_fix="set model.precompute_ref_log_probs: true",
+        )
 
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[torch.nn.Module]:
-        """The reference model for the duration of the block: without gradients, without dropout."""
-        if self.reference_model is not None:
-            with torch.no_grad():
-                yield self.reference_model
-            return
-        if isinstance(self.model, PeftModel) and REFERENCE_ADAPTER in self.model.peft_config:
-            switch = _active_adapter(self.model, REFERENCE_ADAPTER)
-        elif isinstance(self.model, PeftModel):
-            switch = self.model.disable_adapter()
-        elif self._precomputing:  # full fine-tuning, before the first step: the policy is the reference
-            switch = contextlib.nullcontext()
-        else:
+    def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The reference model for the duration of a block: without gradients, without dropout."""
+        if self.lora is None and self.reference_model is None and not self._precomputing:
             raise SmolFactoryError("no reference model: set model.precompute_ref_log_probs: true, or train LoRA")
-        training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), switch:
-                yield self.model
-        finally:
-            self.model.train(training)
+        return reference_of(self.model, self.reference_model, policy_is_reference=self._precomputing)
 
     def sequence_log_probs(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         """Summed log-probabilities of each sequence's trained tokens under ``model``, and per-token diagnostics."""
@@ -199,14 +174,3 @@ class DPOModule(RecipeModule):
             )
         finally:
             self._precomputing = False
-
-
-@contextlib.contextmanager
-def _active_adapter(model: PeftModel, name: str) -> Iterator[None]:
-    """Make adapter ``name`` the active one for the block; the trained adapter stays trainable afterwards."""
-    previous = model.active_adapter
-    model.set_adapter(name, inference_mode=True)
-    try:
-        yield
-    finally:
-        model.set_adapter(previous)
