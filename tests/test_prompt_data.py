@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import yaml
 from torch.utils.data import SequentialSampler
@@ -232,3 +233,10 @@ def test_predict_references_are_the_answer_tokens(tmp_path, tiny_model_dir, toke
     batch = next(iter(datamodule.predict_dataloader()))
     assert batch["input_ids"][0].tolist() == datamodule.train_data[0]["prompt_ids"]
     assert batch["references"] == [tokenizer("four", add_special_tokens=False)["input_ids"], []]
+
+
+def test_a_column_json_cannot_hold_names_the_column(tmp_path, tiny_model_dir):
+    path = tmp_path / "prompts.parquet"
+    datasets.Dataset.from_list([{"prompt": "Hi", "blob": b"\x00\x01"}]).to_parquet(path)
+    with pytest.raises(SmolFactoryError, match=r"prompts\.parquet, row 1: column 'blob' holds a bytes"):
+        PromptDataModule(dataset=str(path), tokenizer=tiny_model_dir).setup("fit")

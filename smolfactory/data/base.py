@@ -6,8 +6,8 @@ validation data, and batch them: shuffled, grouped by length, or packed. Tokeniz
 ``datasets.map`` and is cached; rank 0 does it first in ``prepare_data``. With ``streaming``, rows are read and
 tokenized lazily while training instead.
 
-``SFTDataModule`` and ``PreferenceDataModule`` are thin subclasses: a typed ``__init__`` (the YAML schema) and
-the kind of example they hand to this class.
+``SFTDataModule``, ``PreferenceDataModule`` and ``PromptDataModule`` are thin subclasses: a typed ``__init__`` (the
+YAML schema) and the kind of example they hand to this class.
 """
 
 from __future__ import annotations

@@ -291,12 +291,10 @@ class Prompt(ExampleKind):
         if too_long and settings.overlong == "drop":
             return [], True
         ids = ids[-settings.max_length :]
-        reference = next((prompt.columns[name] for name in REFERENCE_COLUMNS if name in prompt.columns), None)
+        reference = reference_text(prompt.columns)
         example = {
             "prompt_ids": ids,
-            "reference_ids": tokenizer(reference, add_special_tokens=False)["input_ids"]
-            if isinstance(reference, str)
-            else [],
+            "reference_ids": tokenizer(reference, add_special_tokens=False)["input_ids"] if reference else [],
             "prompt": json.dumps(prompt.shown, ensure_ascii=False),
             "reward_columns": json_columns(prompt.columns),
             "length": len(ids),
@@ -329,7 +327,12 @@ class Prompt(ExampleKind):
 
     @property
     def code(self) -> str:
-        return source_of(*SHARED_CODE, prompt_formats, Prompt, json_columns)
+        return source_of(*SHARED_CODE, prompt_formats, Prompt, reference_text, json_columns)
+
+
+def reference_text(columns: dict[str, Any]) -> str:
+    """The first text among a row's ``REFERENCE_COLUMNS`` (the answer the data gives), or ``""``."""
+    return next((columns[name] for name in REFERENCE_COLUMNS if isinstance(columns.get(name), str)), "")
 
 
 def json_columns(columns: dict[str, Any]) -> str:
