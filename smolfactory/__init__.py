@@ -3,7 +3,7 @@
 import smolfactory.quiet  # noqa: F401  (first: it filters messages that the imports below already emit)
 
 # isort: split
-from smolfactory.data import PreferenceDataModule, SFTDataModule
+from smolfactory.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from smolfactory.model import DPOModule, LoraSettings, ModelSettings, RecipeModule, SFTModule, build_model
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LoraSettings",
     "ModelSettings",
     "PreferenceDataModule",
+    "PromptDataModule",
     "RecipeModule",
     "SFTDataModule",
     "SFTModule",

@@ -6,8 +6,8 @@ validation data, and batch them: shuffled, grouped by length, or packed. Tokeniz
 ``datasets.map`` and is cached; rank 0 does it first in ``prepare_data``. With ``streaming``, rows are read and
 tokenized lazily while training instead.
 
-``SFTDataModule`` and ``PreferenceDataModule`` are thin subclasses: a typed ``__init__`` (the YAML schema) and
-the kind of example they hand to this class.
+``SFTDataModule``, ``PreferenceDataModule`` and ``PromptDataModule`` are thin subclasses: a typed ``__init__`` (the
+YAML schema) and the kind of example they hand to this class.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from smolfactory.checkpoints import check_same_settings
@@ -48,8 +48,9 @@ class TokenizedDataModule(L.LightningDataModule):
 
     The settings are the arguments of the subclass's ``__init__``, kept as ``hparams``; this class reads
     ``tokenizer``, ``dataset``, ``validation_dataset``, ``val_split``, ``format``, ``columns``, ``system_prompt``,
-    ``chat_template``, ``chat_template_kwargs``, ``max_length``, ``overlong``, ``group_by_length``, ``on_bad_row``,
-    ``batch_size``, ``num_workers``, ``num_proc`` and ``seed`` (see ``SFTDataModule`` for what each means).
+    ``chat_template``, ``chat_template_kwargs``, ``max_length``, ``overlong``, ``group_by_length`` (where offered),
+    ``on_bad_row``, ``batch_size``, ``num_workers``, ``num_proc`` and ``seed`` (see ``SFTDataModule`` for what each
+    means).
     """
 
     def __init__(self, kind: ExampleKind, streaming: bool = False) -> None:
@@ -73,7 +74,7 @@ class TokenizedDataModule(L.LightningDataModule):
             raise SmolFactoryError(
                 f"data.max_length must be >= 2 and data.batch_size >= 1, got {hparams.max_length}, {hparams.batch_size}"
             )
-        if streaming and hparams.group_by_length:
+        if streaming and hparams.get("group_by_length"):  # (not every data module offers it)
             raise SmolFactoryError("data.group_by_length needs the whole dataset; it does not work with data.streaming")
         # Sources as plain dicts, so checkpoints (which keep these) load with torch.load(weights_only=True).
         dataset, validation_dataset = arguments["dataset"], arguments["validation_dataset"]
@@ -151,10 +152,18 @@ class TokenizedDataModule(L.LightningDataModule):
             return ResumableLoader(stream, batch_size=hparams.batch_size, order=stream, **common)
         data = PackedDataset(self.train_data, hparams.max_length) if self.kind.packing else self.train_data
         order = EpochShuffleSampler(len(data), hparams.seed)
-        if hparams.group_by_length:
-            batches = LengthGroupedBatchSampler(order, hparams.batch_size, False, data["length"])
+        batches = self.train_batches(order, data)
+        if batches is not None:
             return ResumableLoader(data, batch_sampler=batches, order=order, **common)
         return ResumableLoader(data, batch_size=hparams.batch_size, sampler=order, order=order, **common)
+
+    def train_batches(self, order: EpochShuffleSampler, data: Dataset) -> BatchSampler | None:
+        """The train loader's batches of indices in ``order`` (a subclass may batch its own way), or None for
+        consecutive batches of ``batch_size``. A ``BatchSampler`` whose first argument is the sampler: Lightning
+        builds it again under DDP with its own sampler."""
+        if self.hparams.get("group_by_length"):
+            return LengthGroupedBatchSampler(order, self.hparams.batch_size, False, data["length"])
+        return None
 
     def val_dataloader(self) -> DataLoader:
         if self.val_data is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -80,13 +81,53 @@ def prompt_collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> d
             start -= 1
         prompts.append(example["input_ids"][:start])
         references.append(example["input_ids"][start:end])
+    return {**left_pad(prompts, pad_token_id), "references": references}
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of prompts padded on the left to the longest: ``[[a, b, c], [d, e]]``
+    becomes ``[[a, b, c], [P, d, e]]`` and ``[[1, 1, 1], [0, 1, 1]]``."""
     longest = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, longest - len(prompt) :] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "references": references}
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def rollout_prompt_collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Prompts to generate from (GRPO), with everything the reward functions read, one entry per prompt.
+
+    Two prompts, the second conversational, of 3 and 2 tokens, from rows with columns ``answer`` and ``tests``::
+
+        input_ids       [[a, b, c], [P, d, e]]  (left-padded: each prompt's last token in the last column)
+        attention_mask  [[1, 1, 1], [0, 1, 1]]
+        prompt_ids      [[a, b, c], [d, e]]
+        prompts         ["What is 2 + 2?", [{"role": "user", "content": "Name a colour."}]]
+        conversational  [False, True]
+        columns         {"answer": ["4", "blue"], "tests": [[...], [...]]}
+
+    A column missing from a prompt's row (rows of datasets with other columns) is None for that prompt.
+    """
+    prompt_ids = [example["prompt_ids"] for example in examples]
+    prompts = [json.loads(example["prompt"]) for example in examples]
+    rows = [json.loads(example["reward_columns"]) for example in examples]
+    names = dict.fromkeys(name for row in rows for name in row)  # first seen first, as the dataset orders them
+    return {
+        **left_pad(prompt_ids, pad_token_id),
+        "prompt_ids": prompt_ids,
+        "prompts": prompts,
+        "conversational": [isinstance(prompt, list) for prompt in prompts],
+        "columns": {name: [row.get(name) for row in rows] for name in names},
+    }
+
+
+def reference_prompt_collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Left-padded prompts with the token ids of the answers the data gives as ``references`` (empty without one),
+    for ``smolfactory predict``."""
+    prompts = left_pad([example["prompt_ids"] for example in examples], pad_token_id)
+    return {**prompts, "references": [example["reference_ids"] for example in examples]}
 
 
 def pair_collate(pairs: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

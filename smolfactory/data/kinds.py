@@ -11,12 +11,14 @@ tokenization cache, loaders and resume. It asks its kind, a small object, for th
 - ``show`` and ``statistics``: what ``preview`` prints;
 - ``code``: the source of everything behind ``row_examples``, part of the tokenization cache's fingerprint.
 
-A next kind (a prompt with reference columns for GRPO, say) is one more class here; the data module does not change.
+A next kind is one more class here; the data module does not change. ``Prompt`` (GRPO's prompt with the columns its
+rewards read) was one.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,13 +28,21 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from smolfactory.data import formats, preference_formats, templates, tokenize
-from smolfactory.data.collate import packed_collate, pad_collate, pair_collate, prompt_collate
+from smolfactory.data import formats, preference_formats, prompt_formats, templates, tokenize
+from smolfactory.data.collate import (
+    packed_collate,
+    pad_collate,
+    pair_collate,
+    prompt_collate,
+    reference_prompt_collate,
+    rollout_prompt_collate,
+)
 from smolfactory.data.formats import check_columns, detect_format, row_to_example
 from smolfactory.data.packing import PackedDataset
 from smolfactory.data.preference_formats import row_to_pair
 from smolfactory.data.preview import length_percentiles, mark_trained, padding_efficiency
-from smolfactory.data.templates import TrainOn, tokenize_example, tokenize_turns
+from smolfactory.data.prompt_formats import row_to_prompt
+from smolfactory.data.templates import TrainOn, render, tokenize_example, tokenize_turns
 from smolfactory.data.tokenize import RowSettings, fit_length, leading_cut, trained_count
 from smolfactory.model.loss import IGNORE_INDEX
 
@@ -63,6 +73,11 @@ class ExampleKind(ABC):
         self, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, settings: RowSettings
     ) -> tuple[list[dict[str, Any]], bool]:
         """One row's examples (each with ``columns`` and ``num_trained``), and whether it was cut to fit."""
+
+    def placeholder(self) -> dict[str, Any]:
+        """The values a row that leaves no example (skipped or dropped) holds in each column, ``num_trained`` 0:
+        of the column's type, since Arrow takes one type per column."""
+        return {key: 0 if key == "length" else [] for key in self.columns} | {"num_trained": 0}
 
     @abstractmethod
     def train_collate(self, pad_token_id: int) -> Collate:
@@ -230,3 +245,104 @@ def chosen_prompt_collate(pairs: list[dict[str, Any]], pad_token_id: int) -> dic
     """Left-padded prompts of a batch of pairs, with the chosen answers as references."""
     chosen = [{"input_ids": pair["chosen_input_ids"], "labels": pair["chosen_labels"]} for pair in pairs]
     return prompt_collate(chosen, pad_token_id)
+
+
+# Columns whose text is the reference answer `smolfactory predict` writes beside a generation, first found first.
+REFERENCE_COLUMNS = ("answer", "output")
+
+
+@dataclass(frozen=True)
+class Prompt(ExampleKind):
+    """A prompt to answer (online RL: GRPO), with every other column of its row for the reward functions.
+
+    The prompt is rendered with the chat template up to its generation prompt and tokenized (``prompt_ids``); an
+    over-long one keeps its last ``max_length`` tokens (``truncate_prompt``: generation continues from the end, as
+    TRL's ``max_prompt_length`` cuts on the left) or is dropped. The prompt as the rewards see it (``prompt``) and the
+    row's other columns (``reward_columns``) are kept as JSON text: nested values survive, and datasets with other
+    columns still concatenate. ``reference_ids`` are the tokens of an ``answer`` (else ``output``) text, for
+    ``smolfactory predict``. Nothing is trained on a prompt's tokens; ``num_trained`` is their count, so every prompt
+    is kept.
+    """
+
+    columns = ["prompt_ids", "reference_ids", "prompt", "reward_columns", "length"]
+
+    def placeholder(self) -> dict[str, Any]:
+        return super().placeholder() | {"prompt": "", "reward_columns": ""}
+
+    def layout(self, layout: str, column_names: list[str], columns: dict[str, str]) -> str:
+        if layout == "auto":
+            layout = detect_format(column_names, columns, prompt_formats.REQUIRED_COLUMNS)
+        if layout not in prompt_formats.LAYOUT_FIELDS:
+            raise formats.RowError(f"{layout} is not a prompt layout ({', '.join(prompt_formats.LAYOUT_FIELDS)})")
+        check_columns(layout, columns, prompt_formats.LAYOUT_FIELDS)
+        return layout
+
+    def templated_rows(self, layout: str) -> str | None:
+        return "prompt"
+
+    def row_examples(
+        self, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, settings: RowSettings
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One prompt (none when it is too long and ``overlong`` is ``drop``), and whether it was too long."""
+        prompt = row_to_prompt(row, settings.format, settings.columns, settings.system_prompt)
+        text = render(tokenizer, prompt.messages, True, settings.template_kwargs)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
+        too_long = len(ids) > settings.max_length
+        if too_long and settings.overlong == "drop":
+            return [], True
+        ids = ids[-settings.max_length :]
+        reference = reference_text(prompt.columns)
+        example = {
+            "prompt_ids": ids,
+            "reference_ids": tokenizer(reference, add_special_tokens=False)["input_ids"] if reference else [],
+            "prompt": json.dumps(prompt.shown, ensure_ascii=False),
+            "reward_columns": json_columns(prompt.columns),
+            "length": len(ids),
+            "num_trained": len(ids),
+        }
+        return [example], too_long
+
+    def train_collate(self, pad_token_id: int) -> Collate:
+        return partial(rollout_prompt_collate, pad_token_id=pad_token_id)
+
+    def predict_collate(self, pad_token_id: int) -> Collate:
+        return partial(reference_prompt_collate, pad_token_id=pad_token_id)
+
+    def show(self, tokenizer: PreTrainedTokenizerBase, example: dict[str, Any], number: str, marks: Marks) -> list[str]:
+        """The rendered prompt (nothing in it is trained, so nothing is marked) and the columns its rewards get."""
+        header = f"--- prompt {number} ({len(example['prompt_ids'])} tokens) ---"
+        columns = json.loads(example["reward_columns"])
+        lines = [f"  {name}: {json.dumps(value, ensure_ascii=False)}" for name, value in columns.items()]
+        return [header, tokenizer.decode(example["prompt_ids"]), "[columns for the rewards]", *lines]
+
+    def statistics(self, data: datasets.Dataset, batch_size: int, seed: int) -> list[str]:
+        lengths = data["length"]
+        names = dict.fromkeys(name for text in data["reward_columns"] for name in json.loads(text))
+        conversational = sum(text.startswith("[") for text in data["prompt"])
+        return [
+            f"tokens per prompt: {length_percentiles(lengths)}, max {max(lengths)}",
+            f"prompts: {len(lengths)} ({conversational} conversational); columns for the rewards: "
+            f"{', '.join(names) or 'none'}",
+        ]
+
+    @property
+    def code(self) -> str:
+        return source_of(*SHARED_CODE, prompt_formats, Prompt, reference_text, json_columns)
+
+
+def reference_text(columns: dict[str, Any]) -> str:
+    """The first text among a row's ``REFERENCE_COLUMNS`` (the answer the data gives), or ``""``."""
+    return next((columns[name] for name in REFERENCE_COLUMNS if isinstance(columns.get(name), str)), "")
+
+
+def json_columns(columns: dict[str, Any]) -> str:
+    """A row's columns as JSON text, or a ``RowError`` naming a column whose value JSON cannot hold."""
+    for name, value in columns.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as error:
+            raise formats.RowError(
+                f"column '{name}' holds a {type(value).__name__}, which cannot be kept for the reward functions "
+                f"(JSON): {error}"
+            ) from error
+    return json.dumps(columns, ensure_ascii=False)

@@ -22,7 +22,7 @@ from itertools import islice
 from typing import Any, Protocol
 
 import datasets
-from torch.utils.data import IterableDataset
+from torch.utils.data import BatchSampler, IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from smolfactory.data.packing import pack_examples
@@ -147,3 +147,37 @@ class WindowedStream(IterableDataset):
             chunk = window[start : start + self.pack_size]
             rows += [[chunk[i] for i in row] for row in pack_examples([e["length"] for e in chunk], self.capacity)]
         return rows
+
+
+class RepeatedBatches(BatchSampler):
+    """Batches of ``batch_size`` indices in ``sampler``'s order, each run of ``group`` batches given ``times`` in a row.
+
+    Online RL (GRPO's ``num_iterations``) reuses one optimizer step's rollouts for ``times`` steps, so the same
+    prompts must come again: with ``group=2, times=2``, batches ``b1 b2 b3 b4`` come as ``b1 b2 b1 b2 b3 b4 b3 b4``.
+    With ``times > 1`` a pass's last run of fewer than ``group`` batches is left out (``left_out`` indices): it would
+    be a step of other micro-batches than every other. The order depends only on the sampler's, so a resumed loader
+    that skips the batches it handed out (torchdata's fast-forward) goes on exactly where it stopped, even inside a
+    repeat. ``group=1, times=1`` are the plain batches.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, group: int = 1, times: int = 1) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.group, self.times = group, times
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = super().__iter__()
+        while run := list(islice(batches, self.group)):
+            if len(run) < self.group and self.times > 1:
+                return
+            for _ in range(self.times):
+                yield from run
+
+    def __len__(self) -> int:
+        batches = super().__len__()
+        return batches if self.times == 1 else batches // self.group * self.group * self.times
+
+    @property
+    def left_out(self) -> int:
+        """How many of a pass's indices no batch holds (the last run of fewer than ``group`` batches)."""
+        whole = super().__len__() // self.group * self.group if self.times > 1 else super().__len__()
+        return max(0, len(self.sampler) - whole * self.batch_size)

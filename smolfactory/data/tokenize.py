@@ -54,7 +54,7 @@ def tokenize_rows(
     cache, changes with that code (datasets hashes the arguments, not the code a function calls).
     """
     out: dict[str, list] = {key: [] for key in (*kind.columns, "num_trained", "status")}
-    placeholder = {key: 0 if key == "length" else [] for key in kind.columns} | {"num_trained": 0}
+    placeholder = kind.placeholder()
 
     def add(example: dict[str, Any], status: str) -> None:
         for key, value in example.items():
