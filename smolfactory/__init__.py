@@ -4,17 +4,30 @@ import smolfactory.quiet  # noqa: F401  (first: it filters messages that the imp
 
 # isort: split
 from smolfactory.data import PreferenceDataModule, PromptDataModule, SFTDataModule
-from smolfactory.model import DPOModule, LoraSettings, ModelSettings, RecipeModule, SFTModule, build_model
+from smolfactory.model import (
+    DPOModule,
+    GRPOModule,
+    LoraSettings,
+    ModelSettings,
+    RecipeModule,
+    SamplingSettings,
+    SFTModule,
+    build_model,
+)
+from smolfactory.rewards import Reward
 
 __all__ = [
     "DPOModule",
+    "GRPOModule",
     "LoraSettings",
     "ModelSettings",
     "PreferenceDataModule",
     "PromptDataModule",
     "RecipeModule",
+    "Reward",
     "SFTDataModule",
     "SFTModule",
+    "SamplingSettings",
     "build_model",
 ]
 __version__ = "0.1.0"

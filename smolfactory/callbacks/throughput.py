@@ -44,6 +44,7 @@ class TokenThroughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
         # Counted on the device, without waiting for it: the host syncs (and ranks reduce) only when logging.
+        batch = pl_module.trained_batch(batch) if hasattr(pl_module, "trained_batch") else batch
         counts = torch.stack([real_tokens(batch), label_tokens(batch)])
         self._pending = counts if self._pending is None else self._pending + counts
         stepped, self._step = trainer.global_step != self._step, trainer.global_step

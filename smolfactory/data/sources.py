@@ -23,6 +23,7 @@ BUILTIN_DATASETS = {
         "train": "quickstart/preference_train.jsonl",
         "validation": "quickstart/preference_validation.jsonl",
     },
+    "quickstart-grpo": {"train": "quickstart/grpo_train.jsonl", "validation": "quickstart/grpo_validation.jsonl"},
 }
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # The column of a row that stands for an unreadable line of a JSON Lines file (data.on_bad_row: skip).

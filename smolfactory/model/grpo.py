@@ -325,6 +325,10 @@ class GRPOModule(RecipeModule):
             )
         return super().training_step(self._rollouts[index], batch_idx)
 
+    def trained_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The completions (after their prompts) the last training step trained on."""
+        return self._rollouts[self._micro_batch - 1 if self._micro_batch else -1].sequences
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
         self._micro_batch = 0

@@ -203,6 +203,10 @@ class RecipeModule(L.LightningModule):
         self._step_sums += self.flatten(sums)
         return sums["loss"].total
 
+    def trained_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch the last training step ran through the model, for token counts (GRPO: its completions)."""
+        return batch
+
     def flatten(self, sums: dict[str, Sum]) -> torch.Tensor:
         """Every (total, count) of ``METRICS`` in one detached float tensor: one all-reduce carries them all."""
         values = [value for name in self.METRICS for value in sums[name]]
