@@ -96,9 +96,11 @@ class PolicyLoss(ABC):
         if self.needs_reference:
             if tokens.ref_log_probs is None:
                 raise SmolFactoryError(f"{type(self).__name__} with beta > 0 needs the reference log-probabilities")
-            # k3, the low-variance non-negative estimator of KL(policy || reference) (Schulman), as TRL uses
+            # k3, the low-variance non-negative estimator of KL(policy || reference) (Schulman), times the
+            # importance ratio (the tokens were sampled from the old policy): TRL 1.16's use_bias_correction_kl, its
+            # default. The ratio is not detached, so its gradient counts even where it is 1 (no old log-probs).
             log_ratio = tokens.ref_log_probs - tokens.log_probs
-            kl = torch.exp(log_ratio) - log_ratio - 1
+            kl = (torch.exp(log_ratio) - log_ratio - 1) * ratio
             per_token = per_token + self.beta * kl
             metrics = {"kl": masked_sum(kl.detach(), mask)} | metrics
         return PolicyLossResult(self.total(per_token, mask, tokens.max_completion_length), metrics)
