@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smolfactory.model.loss import IGNORE_INDEX, label_token_loss
+from smolfactory.model.loss import IGNORE_INDEX, label_token_log_probs, label_token_loss
 
 
 def reference(hidden_states, lm_head, labels):
@@ -60,3 +60,23 @@ def test_chunked_loss_under_bf16_autocast_multiplies_in_bf16():
     assert (loss_sum - fp32).abs() > 1e-3
     gradient = torch.autograd.grad(loss_sum, hidden)[0]
     assert gradient.dtype == torch.float32 and torch.isfinite(gradient).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True], ids=["frozen-head", "trained-head"])
+def test_tempered_log_probs_and_gradients_equal_the_plain_computation(bias, train_head):
+    """GRPO's log-probs at a sampling temperature: log_softmax(logits / T) at each label, and its gradients."""
+    hidden, head, labels = inputs(bias, train_head)
+    weights = torch.randn(labels.shape[0], labels.shape[1] - 1)  # a different upstream gradient per position
+    trained = labels[:, 1:] != IGNORE_INDEX
+    logits = head(hidden)[:, :-1].float() / 0.7
+    plain = logits.log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(2)[trained]
+    parameters = [hidden, *[p for p in head.parameters() if p.requires_grad]]
+    expected_grads = torch.autograd.grad((plain * weights[trained]).sum(), parameters)
+    chunked = label_token_log_probs(hidden, head, labels, chunk_size=7, temperature=0.7)
+    grads = torch.autograd.grad((chunked.log_probs * weights[trained]).sum(), parameters)
+    torch.testing.assert_close(chunked.log_probs, plain.detach(), rtol=1e-5, atol=1e-5)
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[trained]
+    torch.testing.assert_close(chunked.entropy, entropy.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -303,11 +303,8 @@ E2E_CASES = [
     ("dapo", 0.04, "none", False, "mixed", 1.0),
     ("cispo", 0.0, "batch", False, "agreeing", 1.0),
     # TRL divides the logits by the sampling temperature for every log-prob (policy, old, reference) and the
-    # entropy; GRPOModule.completion_log_probs does not.
-    pytest.param(
-        "dapo", 0.04, "group", False, "mixed", 0.7,
-        marks=pytest.mark.xfail(strict=True, reason="MISMATCH: log-probs are not of the tempered distribution"),
-    ),
+    # entropy: so does GRPOModule.completion_log_probs.
+    ("dapo", 0.04, "group", False, "mixed", 0.7),
 ]  # fmt: skip
 
 

@@ -271,11 +271,12 @@ class GRPOModule(RecipeModule):
     def completion_log_probs(
         self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, TokenLogProbs]:
-        """log p of every trained completion token under ``model``, ``[completions, tokens]`` (0 elsewhere), and
-        the per-token diagnostics; the LM head runs only at those tokens."""
+        """log p of every trained completion token under ``model`` at the sampling temperature (the distribution
+        the tokens were drawn from), ``[completions, tokens]`` (0 elsewhere), and the per-token diagnostics; the LM
+        head runs only at those tokens."""
         hidden_states = self.final_hidden_states(model, sequences)
         head = causal_lm_of(model).get_output_embeddings()
-        tokens = label_token_log_probs(hidden_states, head, sequences["labels"])
+        tokens = label_token_log_probs(hidden_states, head, sequences["labels"], temperature=self.sampling.temperature)
         per_token = torch.zeros(mask.shape, dtype=tokens.log_probs.dtype, device=mask.device)
         return per_token.masked_scatter(mask, tokens.log_probs), tokens
 

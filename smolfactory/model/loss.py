@@ -129,20 +129,29 @@ class TokenLogProbs(NamedTuple):
 
 
 def label_token_log_probs(
-    hidden_states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk_size: int = CHUNK_SIZE
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int = CHUNK_SIZE,
+    temperature: float = 1.0,
 ) -> TokenLogProbs:
     """log p(label) at every trained position (and diagnostics), the LM head run only there, a chunk at a time.
 
-    The sequence-level terms of preference losses are sums of these per row; ``row_sums`` forms them.
+    The sequence-level terms of preference losses are sums of these per row; ``row_sums`` forms them. With a
+    ``temperature``, p is the distribution of the logits divided by it (what sampling at that temperature draws
+    from).
     """
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     hidden = hidden_states[:, :-1][trained]
     if type(lm_head) is torch.nn.Linear:
         return TokenLogProbs(
-            *ChunkedLinearLogProbs.apply(hidden, lm_head.weight, lm_head.bias, targets[trained], chunk_size)
+            *ChunkedLinearLogProbs.apply(
+                hidden, lm_head.weight, lm_head.bias, targets[trained], chunk_size, 1.0 / temperature
+            )
         )
-    logits = lm_head(hidden).float()  # a wrapped head (peft's modules_to_save): its own forward, all at once
+    # a wrapped head (peft's modules_to_save): its own forward, all at once
+    logits = lm_head(hidden).float() / temperature
     log_softmax = logits.log_softmax(-1)
     log_probs = log_softmax.gather(1, targets[trained][:, None]).squeeze(1)
     detached = log_softmax.detach()
@@ -168,7 +177,7 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale=1.0):  # noqa: ANN001, ANN205 (autograd signature)
         compute, w, b = _head_in_compute_dtype(hidden, weight, bias)
         count = hidden.shape[0]
         log_probs = torch.zeros(count, dtype=torch.float32, device=hidden.device)
@@ -179,6 +188,8 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             end = min(start + chunk_size, count)
             t = targets[start:end]
             logits = F.linear(hidden[start:end].to(compute), w, b).float()
+            if scale != 1.0:  # 1 / temperature
+                logits.mul_(scale)
             mean_logits[start:end] = logits.mean(-1)
             is_top1[start:end] = logits.argmax(-1) == t
             log_softmax = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: one [chunk x vocab] buffer less
@@ -189,10 +200,12 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
                 # d log p(target) / d logits = one_hot(target) - softmax, formed in place of the probabilities.
                 grad_logits = probs.neg_()
                 grad_logits[torch.arange(end - start, device=t.device), t] += 1.0
+                if scale != 1.0:
+                    grad_logits.mul_(scale)
                 grad_hidden[start:end] = (grad_logits.to(compute) @ w).to(hidden.dtype)
         need_weight = weight.requires_grad or (bias is not None and bias.requires_grad)
         ctx.save_for_backward(grad_hidden, hidden if need_weight else None, weight, bias, targets)
-        ctx.chunk_size, ctx.compute = chunk_size, compute
+        ctx.chunk_size, ctx.compute, ctx.scale = chunk_size, compute, scale
         ctx.mark_non_differentiable(is_top1, mean_logits, entropy)
         return log_probs, is_top1, mean_logits, entropy
 
@@ -210,12 +223,12 @@ class ChunkedLinearLogProbs(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 h = hidden[start : start + ctx.chunk_size].to(ctx.compute)
                 t = targets[start : start + ctx.chunk_size]
-                grad_logits = F.linear(h, w, b).float().softmax(-1).neg_()
+                grad_logits = F.linear(h, w, b).float().mul_(ctx.scale).softmax(-1).neg_()
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0
-                grad_logits *= grad_log_probs[start : start + ctx.chunk_size, None]
+                grad_logits *= grad_log_probs[start : start + ctx.chunk_size, None] * ctx.scale
                 grad_weight += grad_logits.T @ h.float()
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
             grad_weight = grad_weight.to(weight.dtype) if weight.requires_grad else None
             grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None and bias.requires_grad else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
