@@ -1,4 +1,4 @@
-"""``smolfactory plot RUN_DIR``: the losses and the learning rate of a run, from its CSV logs, to a PNG.
+"""``smolfactory plot RUN_DIR``: the losses, rewards (GRPO) and learning rate of a run, from its CSV logs, to a PNG.
 
 smolfactory plot outputs/quickstart                   # writes outputs/quickstart/curves.png
 """
@@ -40,10 +40,12 @@ def read_series(path: Path) -> Series:
 
 
 def draw(series: Series, output: Path, title: str) -> None:
-    """Losses (log scale when they span a decade) above, learning rates below; written atomically."""
+    """Losses (log scale when they span a decade) above, rewards (GRPO) below them, then learning rates; written
+    atomically."""
     from matplotlib.figure import Figure  # no pyplot: no display backend needed
 
     losses = {name: points for name, points in series.items() if name.endswith("loss")}  # not the _epoch means
+    rewards = {name: points for name, points in series.items() if is_reward_curve(name)}
     rates: Series = {}
     for name, points in series.items():  # param groups with the same schedule (lr-AdamW/pg1, /pg2): one line
         if name.startswith("lr") and points not in rates.values():
@@ -52,28 +54,29 @@ def draw(series: Series, output: Path, title: str) -> None:
         rates = {name.split("/")[0]: points for name, points in rates.items()}
     if not losses:
         raise SmolFactoryError(f"the logs of '{title}' hold no loss yet ({', '.join(series) or 'no metrics'})")
-    figure = Figure(figsize=(8, 6.5 if rates else 4), layout="constrained")
-    axes = figure.subplots(2 if rates else 1, 1, sharex=True, squeeze=False)[:, 0]
-    for name, points in sorted(losses.items()):
-        steps, values = zip(*points, strict=True)
-        axes[0].plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+    panels = [(label, curves) for label, curves in (("loss", losses), ("reward", rewards), ("learning rate", rates))]
+    panels = [(label, curves) for label, curves in panels if curves]
+    figure = Figure(figsize=(8, 1.5 + 2.5 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for axis, (label, curves) in zip(axes, panels, strict=True):
+        for name, points in sorted(curves.items()):
+            steps, values = zip(*points, strict=True)
+            axis.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+        axis.set_ylabel(label)
+        axis.legend()
+        axis.grid(alpha=0.3)
     values = [value for points in losses.values() for _, value in points if value > 0]
     if values and max(values) / min(values) > 10:
         axes[0].set_yscale("log")
-    axes[0].set_ylabel("loss")
     axes[0].set_title(title)
-    axes[0].legend()
-    for name, points in sorted(rates.items()):
-        steps, values = zip(*points, strict=True)
-        axes[1].plot(steps, values, label=name)
-    if rates:
-        axes[1].set_ylabel("learning rate")
-        axes[1].legend()
     axes[-1].set_xlabel("optimizer step")
-    for axis in axes:
-        axis.grid(alpha=0.3)
     with atomic_file(output) as staging:
         figure.savefig(staging, format="png", dpi=120)
+
+
+def is_reward_curve(name: str) -> bool:
+    """A reward's per-step or validation mean (train_reward, val_reward, train_reward_<function>), not its std."""
+    return "_reward" in name and not name.endswith(("_std", "_epoch")) and not name.startswith("train_frac")
 
 
 def main(args: list[str]) -> None:

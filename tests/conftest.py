@@ -168,9 +168,10 @@ class StepRecorder(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *args) -> None:
         if self.pending is None:  # the step's first micro-batch
             self.pending = {"lr": trainer.optimizers[0].param_groups[0]["lr"], "tokens": 0}
-        self.pending["tokens"] += int((batch["labels"][:, 1:] != -100).sum())
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
+        trained = pl_module.trained_batch(batch)  # GRPO: the completions it sampled, not the prompts
+        self.pending["tokens"] += int((trained["labels"][:, 1:] != -100).sum())
         if trainer.global_step == self.last_step:  # accumulating: the optimizer has not stepped yet
             return
         self.last_step = trainer.global_step

@@ -355,7 +355,7 @@ def test_rollout_and_batch_sums(
 
     # Fixed old log-probs (as from an earlier policy): ratios on both sides of the clip range.
     with torch.no_grad():
-        logps = module.completion_log_probs(module.model, rollout.sequences, rollout.mask)[0]
+        logps = module.completion_log_probs(module.model, rollout)[0]
     generator = torch.Generator().manual_seed(0)
     old = logps - (torch.rand(logps.shape, generator=generator) * 1.2 - 0.6) * rollout.mask
     rollout = rollout._replace(old_log_probs=old)

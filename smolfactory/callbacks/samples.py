@@ -1,4 +1,5 @@
-"""GenerationSamples: answers to a few fixed prompts at every validation, to watch the model change."""
+"""GenerationSamples: answers to a few fixed prompts at every validation, to watch the model change; for a recipe
+that samples its own completions (GRPO), those completions with their rewards."""
 
 from __future__ import annotations
 
@@ -23,9 +24,32 @@ class GenerationSamples(L.Callback):
         """
         self.prompts = list(prompts or [])
         self.max_new_tokens = max_new_tokens
+        self._written: list | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        """GRPO: every completion of the step with its reward and advantage, appended to completions.jsonl."""
+        samples = getattr(pl_module, "latest_samples", None)
+        if samples and trainer.is_global_zero and samples is not self._written:  # a reused rollout: written already
+            self._written = samples
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "completions.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as file:
+                file.writelines(
+                    json.dumps({"step": trainer.global_step} | row, ensure_ascii=False) + "\n" for row in samples
+                )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.prompts or trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        samples = getattr(pl_module, "latest_samples", None)
+        if samples and trainer.is_global_zero:  # GRPO: the last held-out prompt's completions, scored
+            rank_zero_info(
+                "\n".join(
+                    [f"Completions of a held-out prompt at step {trainer.global_step}: {samples[0]['prompt']}"]
+                    + [f"  reward {row['reward']:.3g}: {row['completion']!r}" for row in samples]
+                )
+            )
+        if not self.prompts:
             return
         # Every rank generates (sharded weights are gathered by collective calls); rank 0 reports.
         session = ChatSession(pl_module.model, trainer.datamodule.tokenizer, max_new_tokens=self.max_new_tokens)

@@ -19,6 +19,7 @@ a reference: the model with its adapter switched off under LoRA (no second copy)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from types import SimpleNamespace
 from typing import Any, ClassVar, NamedTuple
 
@@ -85,6 +86,11 @@ class Rollout(NamedTuple):
 
     prompt_ids: torch.Tensor
     """The batch's left-padded prompts ``[prompts, length]`` (to check that a reuse gets the same prompts)."""
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    """``[completions, tokens]``, a prompt's ``num_generations`` together, right-padded after their end."""
+    completion_mask: torch.Tensor
+    """The real tokens of each completion (up to its end)."""
     sequences: dict[str, torch.Tensor]
     """Prompt and completion of every completion, right-padded: ``input_ids``, ``labels`` (the trained completion
     tokens), ``attention_mask``."""
@@ -159,6 +165,8 @@ class GRPOModule(RecipeModule):
         self.tokenizer = None
         self._rollouts: list[Rollout] = []
         self._micro_batch = 0
+        self.latest_samples: list[dict[str, Any]] = []
+        """The last rollout's completions with their prompt, reward and advantage (the samples callback logs them)."""
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -232,12 +240,6 @@ class GRPOModule(RecipeModule):
         weights = torch.tensor([reward.weight for reward in self.rewards], device=self.device)
         scores = group_advantages(rewards, weights, repeats, self.hparams.scale_rewards)
         old_log_probs = ref_log_probs = None
-        if self.hparams.num_iterations > 1:  # the policy that generated them, for the importance ratios of reuses
-            with torch.no_grad():
-                old_log_probs = self.completion_log_probs(self.model, sequences, mask)[0]
-        if self.policy_loss.needs_reference:
-            with reference_of(self.model, self.reference_model) as reference:
-                ref_log_probs = self.completion_log_probs(reference, sequences, mask)[0]
         metrics = rollout_metrics(rewards, scores, lengths.float(), ended, [reward.name for reward in self.rewards])
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         samples = [
@@ -246,9 +248,27 @@ class GRPOModule(RecipeModule):
                 zip(texts, scores.rewards.tolist(), scores.advantages.tolist(), strict=True)
             )
         ]
-        return Rollout(
-            batch["input_ids"], sequences, mask, scores.advantages, old_log_probs, ref_log_probs, metrics, samples
+        self.latest_samples = samples[:repeats] if not self.training else samples  # held-out: one prompt's group
+        rollout = Rollout(
+            batch["input_ids"],
+            batch["attention_mask"],
+            completions,
+            (positions[None, :] < lengths[:, None]).long(),
+            sequences,
+            mask,
+            scores.advantages,
+            old_log_probs,
+            ref_log_probs,
+            metrics,
+            samples,
         )
+        if self.hparams.num_iterations > 1:  # the policy that generated them, for the importance ratios of reuses
+            with torch.no_grad():
+                rollout = rollout._replace(old_log_probs=self.completion_log_probs(self.model, rollout)[0])
+        if self.policy_loss.needs_reference:
+            with reference_of(self.model, self.reference_model) as reference:
+                rollout = rollout._replace(ref_log_probs=self.completion_log_probs(reference, rollout)[0])
+        return rollout
 
     def score(self, batch: dict[str, Any], completion_ids: list[list[int]]) -> torch.Tensor:
         """Every reward function's value for every completion, ``[completions, functions]``, NaN for None."""
@@ -268,23 +288,67 @@ class GRPOModule(RecipeModule):
         )
         return score(self.reward_functions, prompts, completions, completion_ids, columns, trainer_state=state)
 
-    def completion_log_probs(
-        self, model: torch.nn.Module, sequences: dict[str, torch.Tensor], mask: torch.Tensor
-    ) -> tuple[torch.Tensor, TokenLogProbs]:
+    def completion_log_probs(self, model: torch.nn.Module, rollout: Rollout) -> tuple[torch.Tensor, TokenLogProbs]:
         """log p of every trained completion token under ``model`` at the sampling temperature (the distribution
         the tokens were drawn from), ``[completions, tokens]`` (0 elsewhere), and the per-token diagnostics; the LM
         head runs only at those tokens."""
-        hidden_states = self.final_hidden_states(model, sequences)
+        if self.model_settings.gradient_checkpointing:  # no KV cache under checkpointing: prompt and completion
+            hidden_states, labels = self.final_hidden_states(model, rollout.sequences), rollout.sequences["labels"]
+        else:
+            hidden_states, labels = self.shared_prompt_hidden_states(model, rollout)
         head = causal_lm_of(model).get_output_embeddings()
-        tokens = label_token_log_probs(hidden_states, head, sequences["labels"], temperature=self.sampling.temperature)
-        per_token = torch.zeros(mask.shape, dtype=tokens.log_probs.dtype, device=mask.device)
-        return per_token.masked_scatter(mask, tokens.log_probs), tokens
+        tokens = label_token_log_probs(hidden_states, head, labels, temperature=self.sampling.temperature)
+        per_token = torch.zeros(rollout.mask.shape, dtype=tokens.log_probs.dtype, device=rollout.mask.device)
+        return per_token.masked_scatter(rollout.mask, tokens.log_probs), tokens
+
+    def shared_prompt_hidden_states(
+        self, model: torch.nn.Module, rollout: Rollout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states that predict each completion token, ``[completions, 1 + tokens, hidden]``, and the
+        labels they predict (the first column none), with every prompt run once for its whole group.
+
+        The prompt runs first, its keys and values kept (a KV cache that carries gradients) and repeated for its
+        ``num_generations`` completions, which then run after it: a group's prompt costs one forward and backward
+        instead of ``num_generations`` of them. Its last hidden state predicts the first completion token.
+        """
+        repeats, prompt_mask = self.sampling.num_generations, rollout.prompt_mask
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        no_logits = torch.zeros(0, dtype=torch.long, device=prompt_mask.device)
+        prompt = model(
+            input_ids=rollout.prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=no_logits,
+            output_hidden_states=True,
+        )
+        # transformers renamed past_key_values to cache during 5.x: take whichever this version has
+        cache_argument = (
+            "cache" if "cache" in inspect.signature(causal_lm_of(model).forward).parameters else "past_key_values"
+        )
+        cache = getattr(prompt, cache_argument)
+        cache.batch_repeat_interleave(repeats)
+        completion_mask = rollout.completion_mask
+        starts = prompt_mask.sum(-1).repeat_interleave(repeats)
+        completion = model(
+            input_ids=rollout.completion_ids,
+            attention_mask=torch.cat([prompt_mask.repeat_interleave(repeats, dim=0), completion_mask], dim=1),
+            position_ids=starts[:, None] + torch.arange(completion_mask.shape[1], device=starts.device),
+            use_cache=True,
+            logits_to_keep=no_logits,
+            output_hidden_states=True,
+            **{cache_argument: cache},
+        )
+        last_prompt_state = prompt.hidden_states[-1][:, -1:].repeat_interleave(repeats, dim=0)
+        hidden_states = torch.cat([last_prompt_state, completion.hidden_states[-1]], dim=1)
+        labels = torch.where(rollout.mask, rollout.completion_ids, IGNORE_INDEX)
+        return hidden_states, torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels], dim=1)
 
     # ---- the recipe's part ----------------------------------------------------------------------------------
 
     def batch_sums(self, rollout: Rollout) -> dict[str, Sum]:
         """The loss of a rollout's completions (differentiable) and the sums behind every metric."""
-        log_probs, tokens = self.completion_log_probs(self.model, rollout.sequences, rollout.mask)
+        log_probs, tokens = self.completion_log_probs(self.model, rollout)
         policy = PolicyTokens(
             log_probs,
             rollout.old_log_probs,
