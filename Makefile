@@ -1,5 +1,6 @@
 # make quickstart   install into .venv and fine-tune the built-in model (outputs/quickstart/final)
 # make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
+# make grpo-quickstart GRPO with a verifiable reward on generated questions (outputs/grpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite (two processes)
 # make test-fast    lint + the tests not marked slow, about a minute (slow: everything that trains, runs the
 #                   command or TRL, the notebook, the real model, 2-process DDP/FSDP, SIGTERM and kill -9)
@@ -7,7 +8,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart dpo-quickstart test test-fast lint format clean
+.PHONY: install quickstart dpo-quickstart grpo-quickstart test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +29,10 @@ quickstart: install
 dpo-quickstart: install
 	test -f outputs/quickstart/final/adapter_config.json || $(BIN)/smolfactory fit --config configs/quickstart.yaml
 	$(BIN)/smolfactory fit --config configs/dpo_quickstart.yaml
+
+# GRPO starts from the built-in model itself (a fresh adapter): it needs no earlier run.
+grpo-quickstart: install
+	$(BIN)/smolfactory fit --config configs/grpo_quickstart.yaml
 
 # Two pytest processes, one test file each (pytest-xdist), one thread each: 6-7 minutes here instead of 10.
 test: install lint
