@@ -2,15 +2,17 @@
 
     python benchmarks/grpo_quickstart_eval.py [ADAPTER ...]      (default: outputs/grpo_quickstart/final)
 
-For the built-in model and each adapter: the mean reward (exact_answer, last number) of the greedy answer to each
-of the 64 held-out prompts (never trained on), and of 8 sampled answers per prompt (temperature 1, as in
-training), each with a 95% Wilson interval.
+For the built-in model and each adapter: the mean reward (the recipe's exact_answer, first number) of the greedy
+answer to each of the 64 held-out prompts (never trained on), and of 8 sampled answers per prompt (temperature 1,
+as in training), each with a 95% Wilson interval; and, as a check that the reward is not gamed, how many greedy
+answers name the larger number and never the smaller one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -62,11 +64,18 @@ def score(model, tokenizer, rows: list[dict]) -> dict[str, tuple[float, float, f
     result = {}
     for name, sample in (("greedy", False), ("sampled", True)):
         repeats = SAMPLES if sample else 1
-        rewards = exact_answer(
-            prompts, answers(model, tokenizer, prompts, sample), [r for r in references for _ in range(repeats)]
-        )
+        texts = answers(model, tokenizer, prompts, sample)
+        expected = [r for r in references for _ in range(repeats)]
+        rewards = exact_answer(prompts, texts, expected, extract="first_number")
         mean = sum(rewards) / len(rewards)
         result[name] = (mean, *wilson(sum(rewards), len(rewards)))
+        if not sample:
+            smaller = [str(min(map(int, re.findall(r"\d+", p)))) for p in prompts]
+            clean = [
+                r in re.findall(r"\d+", t) and s not in re.findall(r"\d+", t)
+                for t, r, s in zip(texts, references, smaller, strict=True)
+            ]
+            result["greedy, larger named, smaller not"] = (sum(clean) / len(clean), *wilson(sum(clean), len(clean)))
     return result
 
 
@@ -80,12 +89,13 @@ def main(adapters: list[str]) -> None:
         models[adapter] = lambda a=adapter: PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(base_path), a
         ).eval()
-    print(f"{len(rows)} held-out prompts; reward = exact_answer (last number); 95% Wilson intervals")
-    print(f"{'model':<40} {'greedy (64)':>24} {'sampled (8 x 64, T=1)':>26}")
+    print(f"{len(rows)} held-out prompts; reward = exact_answer (first number); 95% Wilson intervals")
+    print("| model | greedy reward (64) | greedy: larger named, smaller not | sampled reward (8 x 64, T=1) |")
+    print("|---|---|---|---|")
     for name, load in models.items():
         result = score(load(), tokenizer, rows)
-        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in result.values()]
-        print(f"{name:<40} {cells[0]:>24} {cells[1]:>26}", flush=True)
+        greedy, clean, sampled = (f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in result.values())
+        print(f"| {name} | {greedy} | {clean} | {sampled} |", flush=True)
 
 
 if __name__ == "__main__":

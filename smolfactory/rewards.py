@@ -222,7 +222,7 @@ def exact_answer(
     prompts: list[Any],
     completions: list[Any],
     answer: list[Any],
-    extract: Literal["last_number", "boxed", "tag"] = "last_number",
+    extract: Literal["last_number", "first_number", "boxed", "tag"] = "last_number",
     tag: str = "answer",
     **kwargs: Any,
 ) -> list[float | None]:
@@ -238,8 +238,10 @@ def exact_answer(
         answer: The reference answers, one per completion (a number or a text; for GSM8K, the part after
             ``####``); None scores None (not applicable).
         extract: How the completion's answer is found: ``last_number`` (the last decimal number in the text;
-            the reference must then be a number), ``boxed`` (the content of the last ``\\boxed{...}``, nested
-            braces included) or ``tag`` (the content of the last ``<answer>...</answer>``).
+            the reference must then be a number), ``first_number`` (the first one: for answers that state the
+            result first, "17 is larger than 9", where the last number would reward the wrong claim), ``boxed``
+            (the content of the last ``\\boxed{...}``, nested braces included) or ``tag`` (the content of the
+            last ``<answer>...</answer>``).
         tag: The tag name for ``extract: tag``.
         **kwargs: The other columns (unused).
 
@@ -249,6 +251,7 @@ def exact_answer(
     """
     extractors: dict[str, Callable[[str], str | None]] = {
         "last_number": last_number,
+        "first_number": first_number,
         "boxed": last_boxed,
         "tag": functools.partial(last_tag, tag=tag),
     }
@@ -259,8 +262,8 @@ def exact_answer(
         if reference is None:
             rewards.append(None)
             continue
-        if extract == "last_number" and as_number(reference) is None:
-            raise ValueError(f"extract: last_number needs a numeric reference answer, not {reference!r}")
+        if extract.endswith("_number") and as_number(reference) is None:
+            raise ValueError(f"extract: {extract} needs a numeric reference answer, not {reference!r}")
         found = extractors[extract](completion_text(completion))
         rewards.append(float(found is not None and same_answer(found, reference)))
     return rewards
@@ -270,6 +273,12 @@ def last_number(text: str) -> str | None:
     """The last decimal number in ``text`` (``-3``, ``1,234``, ``3.50``), or None."""
     numbers_found = NUMBER.findall(text)
     return numbers_found[-1] if numbers_found else None
+
+
+def first_number(text: str) -> str | None:
+    """The first decimal number in ``text``, or None."""
+    found = NUMBER.search(text)
+    return found.group() if found else None
 
 
 def last_boxed(text: str) -> str | None:

@@ -66,6 +66,20 @@ def test_exact_answer_last_number(completion, answer, expected):
 @pytest.mark.parametrize(
     ("completion", "answer", "expected"),
     [
+        ("17 is larger than 9.", 17, 1.0),  # the claim comes first
+        ("9 is larger than 17.", 17, 0.0),  # the last number would reward this wrong claim
+        ("-4 is less than 2", "-4", 1.0),
+        ("1,234 beats 99", 1234, 1.0),
+        ("No number here.", 5, 0.0),
+    ],
+)
+def test_exact_answer_first_number(completion, answer, expected):
+    assert one(exact_answer, completion, answer, extract="first_number") == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
         (r"So $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}", 1.0),  # nested braces
         (r"So $\boxed{\frac{1}{2}}$.", "0.5", 0.0),  # strings, not maths: that is math_equivalence's job
         (r"First \boxed{3}, then \boxed{4}", 4, 1.0),  # the last box
@@ -100,8 +114,8 @@ def test_exact_answer_tag(completion, answer, tag, expected):
 def test_exact_answer_conversational_none_and_bad_options():
     completions = [assistant("The answer is 42"), assistant("The answer is 41"), assistant("whatever")]
     assert exact_answer(["a", "b", "c"], completions, answer=[42, 42, None]) == [1.0, 0.0, None]
-    with pytest.raises(ValueError, match="last_number, boxed, tag"):
-        one(exact_answer, "1", 1, extract="first_number")
+    with pytest.raises(ValueError, match="last_number, first_number, boxed, tag"):
+        one(exact_answer, "1", 1, extract="middle_number")
     with pytest.raises(ValueError, match="numeric reference"):
         one(exact_answer, "Paris", "Paris")
 

@@ -236,12 +236,11 @@ class GRPOModule(RecipeModule):
         completion_ids = [row[:length].tolist() for row, length in zip(completions, lengths.tolist(), strict=True)]
         sequences = completion_sequences(prompts, completion_ids, mask, repeats, self.tokenizer.pad_token_id)
         sequences = {key: value.to(self.device) for key, value in sequences.items()}
-        rewards = self.score(batch, completion_ids).to(self.device)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards = self.score(batch, texts, completion_ids).to(self.device)
         weights = torch.tensor([reward.weight for reward in self.rewards], device=self.device)
         scores = group_advantages(rewards, weights, repeats, self.hparams.scale_rewards)
-        old_log_probs = ref_log_probs = None
         metrics = rollout_metrics(rewards, scores, lengths.float(), ended, [reward.name for reward in self.rewards])
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         samples = [
             {"prompt": batch["prompts"][i // repeats], "completion": text, "reward": reward, "advantage": advantage}
             for i, (text, reward, advantage) in enumerate(
@@ -257,8 +256,8 @@ class GRPOModule(RecipeModule):
             sequences,
             mask,
             scores.advantages,
-            old_log_probs,
-            ref_log_probs,
+            None,  # old and reference log-probabilities, below
+            None,
             metrics,
             samples,
         )
@@ -270,10 +269,9 @@ class GRPOModule(RecipeModule):
                 rollout = rollout._replace(ref_log_probs=self.completion_log_probs(reference, rollout)[0])
         return rollout
 
-    def score(self, batch: dict[str, Any], completion_ids: list[list[int]]) -> torch.Tensor:
+    def score(self, batch: dict[str, Any], texts: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
         """Every reward function's value for every completion, ``[completions, functions]``, NaN for None."""
         repeats = self.sampling.num_generations
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         conversational = [batch["conversational"][i // repeats] for i in range(len(texts))]
         completions = [
             [{"role": "assistant", "content": text}] if chat else text
