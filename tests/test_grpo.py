@@ -159,7 +159,13 @@ def test_the_shipped_recipe_runs_on_the_command_line_and_logs_rewards(tiny_model
     override = stand_in_config(
         tmp_path,
         tiny_model_dir,
-        trainer={"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "default_root_dir": str(tmp_path)},
+        trainer={
+            "max_steps": 2,
+            "val_check_interval": 2,
+            "limit_val_batches": 1,
+            "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path),
+        },
     )
     result = smolfactory(
         capfd, "fit", "--config", RECIPE, "--config", override, f"--trainer.callbacks+={json.dumps(recorder)}"

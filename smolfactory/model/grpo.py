@@ -389,8 +389,14 @@ class GRPOModule(RecipeModule):
         return super().training_step(self._rollouts[index], batch_idx)
 
     def trained_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The completions (after their prompts) the last training step trained on."""
-        return self._rollouts[self._micro_batch - 1 if self._micro_batch else -1].sequences
+        """The tokens the last training step ran through the model: each prompt once for its group, then the
+        completions (``attention_mask``, one row), and the trained completion tokens (``labels``)."""
+        rollout = self._rollouts[self._micro_batch - 1 if self._micro_batch else -1]
+        if self.model_settings.gradient_checkpointing:  # every completion after its own copy of the prompt
+            return rollout.sequences
+        ran = torch.cat([rollout.prompt_mask.flatten(), rollout.completion_mask.flatten()])
+        labels = torch.where(rollout.mask, rollout.completion_ids, IGNORE_INDEX)
+        return {"attention_mask": ran[None, :], "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
