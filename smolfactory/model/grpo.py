@@ -62,9 +62,11 @@ class SamplingSettings:
     max_completion_length: int = 256
     """Most tokens generated per completion; one that reaches it without ending is truncated."""
     temperature: float = 1.0
+    """Sampling temperature; the loss's log-probabilities are of the same tempered distribution (as TRL's)."""
     top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probabilities add up to top_p (1: all)."""
     top_k: int = 0
-    """0: no top-k filtering."""
+    """Draw from the k likeliest tokens only; 0: no top-k filtering."""
     mask_truncated_completions: bool = False
     """Leave truncated completions out of the loss (DAPO): their unfinished answers get no credit or blame."""
 
