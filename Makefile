@@ -2,7 +2,7 @@
 # make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
 # make grpo-quickstart GRPO with a verifiable reward on generated questions (outputs/grpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite (two processes)
-# make test-fast    lint + the tests not marked slow, about a minute (slow: everything that trains, runs the
+# make test-fast    lint + the tests not marked slow, about two minutes (slow: everything that trains, runs the
 #                   command or TRL, the notebook, the real model, 2-process DDP/FSDP, SIGTERM and kill -9)
 VENV ?= .venv
 PYTHON ?= python3
