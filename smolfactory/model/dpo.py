@@ -84,15 +84,7 @@ class DPOModule(RecipeModule):
             return
         if self.lora is None and self.hparams.precompute_ref_log_probs:
             return  # the policy computes the reference log-probabilities once, before its first step
-        trainer = self.attached_trainer
-        self.reference_model = load_reference(
-            self.model,
-            self.model_settings,
-            self.lora,
-            trainer.precision if trainer is not None else None,
-            sharded=self.device_mesh is not None,
-            no_copy_fix="set model.precompute_ref_log_probs: true",
-        )
+        self.reference_model = load_reference(self, no_copy_fix="set model.precompute_ref_log_probs: true")
 
     def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """The reference model for the duration of a block: without gradients, without dropout."""

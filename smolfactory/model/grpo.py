@@ -176,15 +176,7 @@ class GRPOModule(RecipeModule):
         super().configure_model()
         self.tokenizer = load_tokenizer(self.hparams.model_name)
         if self.policy_loss.needs_reference:
-            trainer = self.attached_trainer
-            self.reference_model = load_reference(
-                self.model,
-                self.model_settings,
-                self.lora,
-                trainer.precision if trainer is not None else None,
-                sharded=self.device_mesh is not None,
-                no_copy_fix="train LoRA, or set model.loss.beta: 0",
-            )
+            self.reference_model = load_reference(self, no_copy_fix="train LoRA, or set model.loss.beta: 0")
 
     # ---- rollouts -------------------------------------------------------------------------------------------
 

@@ -9,42 +9,41 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
 
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.build import ModelSettings, frozen_copy
+from smolfactory.model.build import frozen_copy
 from smolfactory.model.loading import adapter_base_model, resolve_model_path
-from smolfactory.model.lora import LoraSettings
+
+if TYPE_CHECKING:
+    from smolfactory.model.recipe import RecipeModule
 
 REFERENCE_ADAPTER = "reference"
 
 
-def load_reference(
-    model: torch.nn.Module,
-    settings: ModelSettings,
-    lora: LoraSettings | None,
-    precision: str | None,
-    sharded: bool,
-    no_copy_fix: str,
-) -> torch.nn.Module | None:
-    """Prepare the reference of ``model``, the policy just built: a frozen copy for full fine-tuning (returned),
-    or nothing to return (the adapter switched off, or a frozen reference adapter loaded into ``model``).
+def load_reference(recipe: RecipeModule, no_copy_fix: str) -> torch.nn.Module | None:
+    """Prepare the reference of ``recipe.model``, the policy just built: a frozen copy for full fine-tuning
+    (returned), or nothing to return (the adapter switched off, or a frozen reference adapter loaded into the
+    model).
 
     ``no_copy_fix`` says what to do instead of a copy where none can be made (a sharded full model).
     """
-    path = resolve_model_path(settings.name)
-    if lora is not None and adapter_base_model(path) is not None:
-        model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        model.train()  # peft switched the whole model to eval mode (dropout off) for the frozen adapter
-        return None
-    if lora is not None:
-        return None
-    if sharded:
-        raise SmolFactoryError(f"full fine-tuning with a sharded model has no frozen reference copy yet; {no_copy_fix}")
-    # A second model, frozen; loaded again, as the policy may already be sharded or compiled.
-    return frozen_copy(settings, None, precision)
+    if recipe.lora is None:
+        if recipe.device_mesh is not None:
+            raise SmolFactoryError(
+                f"full fine-tuning with a sharded model has no frozen reference copy yet; {no_copy_fix}"
+            )
+        # A second model, frozen; loaded again, as the policy may already be sharded or compiled.
+        trainer = recipe.attached_trainer
+        return frozen_copy(recipe.model_settings, None, trainer.precision if trainer is not None else None)
+    path = resolve_model_path(recipe.model_settings.name)
+    if adapter_base_model(path) is not None:  # training continues an adapter: that adapter, frozen, beside it
+        recipe.model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        recipe.model.train()  # peft switched the whole model to eval mode (dropout off) for the frozen adapter
+    return None
 
 
 @contextlib.contextmanager
