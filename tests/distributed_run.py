@@ -4,7 +4,8 @@
 
 For full fine-tuning and LoRA in turn: two optimizer steps of global batch 4 (per rank, 2 micro-batches
 of 1 accumulated, gradients clipped by norm), the first step's gradients (gathered in full), each step's loss,
-and the exported Hugging Face folder. Under DDP, also DPO with LoRA on the preference pairs of PAIRS_PATH.
+and the exported Hugging Face folder. Under DDP, also DPO with LoRA on the preference pairs of PAIRS_PATH, and
+GRPO with LoRA on the prompts of DATA_PATH.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.tensor import DTensor
 
-from smolfactory import DPOModule, LoraSettings, PreferenceDataModule, SFTDataModule, SFTModule
+from smolfactory import (
+    DPOModule,
+    GRPOModule,
+    LoraSettings,
+    PreferenceDataModule,
+    PromptDataModule,
+    Reward,
+    SamplingSettings,
+    SFTDataModule,
+    SFTModule,
+)
 from smolfactory.callbacks import HFExport
 from smolfactory.model.sharding import DecoderLayerPolicy
 from tests.conftest import StopAtStep, adamw
@@ -75,6 +86,29 @@ class DPORecorder(RecorderMixin, DPOModule):
     pass
 
 
+class GRPORecorder(RecorderMixin, GRPOModule):
+    """GRPO (DAPO's token-weighted loss) with completions that depend only on the prompt, so that a process
+    sees the same ones whichever rank and micro-batch its prompts land in: completion i of a prompt is its last
+    i + 2 tokens, reversed."""
+
+    def __init__(self, **kwargs) -> None:
+        rewards = [Reward("tests.distributed_run.completion_length")]
+        super().__init__(rewards=rewards, sampling=SamplingSettings(num_generations=3), **kwargs)
+
+    def generate_completions(self, batch: dict) -> torch.Tensor:
+        rows = [
+            ids[keep.bool()][-(i + 2) :].flip(0)
+            for ids, keep in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            for i in range(self.sampling.num_generations)
+        ]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+
+
+def completion_length(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """A reward that differs within every group (the completions' lengths differ)."""
+    return [float(len(ids)) for ids in completion_ids]
+
+
 VARIANTS = {"full": None, "lora": LoraSettings(r=4, alpha=8)}
 # Below the gradient norms of these runs, so clipping changes every update: by the norm over all shards and ranks.
 CLIP_NORM = 0.05
@@ -82,7 +116,7 @@ CLIP_NORM = 0.05
 
 def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devices: int, batch_size: int,
         accumulate: int, steps: int = 2, name: str | None = None, stop_at: int | None = None,
-        resume: bool = False, preference: bool = False) -> None:  # fmt: skip
+        resume: bool = False, preference: bool = False, grpo: bool = False) -> None:  # fmt: skip
     """Fit `steps` optimizer steps into out/name (default: the variant) and record them in out/name.json.
 
     With `stop_at` the run saves out/name/checkpoints/last.ckpt at every step and is interrupted after that
@@ -91,6 +125,8 @@ def run(variant: str, model_dir: str, data_path: str, out: Path, strategy, devic
     name = name or variant
     L.seed_everything(0)
     module_class, data_class = (DPORecorder, PreferenceDataModule) if preference else (Recorder, SFTDataModule)
+    if grpo:
+        module_class, data_class = GRPORecorder, PromptDataModule
     module = module_class(model_name=model_dir, lora=VARIANTS[variant], optimizer=adamw(1e-2))
     data = data_class(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=batch_size)
     last = out / name / "checkpoints" / "last.ckpt"
@@ -129,6 +165,7 @@ def main() -> None:
         run(variant, model_dir, data_path, Path(out), STRATEGIES[strategy_name](), **settings)
     if strategy_name == "ddp":
         run("lora", model_dir, pairs_path, Path(out), "ddp", **settings, name="dpo", preference=True)
+        run("lora", model_dir, data_path, Path(out), "ddp", **settings, name="grpo", grpo=True)
     if strategy_name != "ddp":
         # A 4-step LoRA run stopped after 2 steps (a sharded checkpoint), then resumed.
         for resume in (False, True):

@@ -2,7 +2,9 @@
 
 Each run trains two steps of global batch 4 (2 ranks x 2 accumulated micro-batches of 1) on four examples
 of very different lengths, so every step sees all four. Its losses, first-step gradients and exported
-weights must equal a single process training on batch 4. Under DDP, DPO with LoRA too, on four pairs.
+weights must equal a single process training on batch 4. Under DDP, DPO with LoRA too, on four pairs, and GRPO
+(DAPO: the loss is the mean over every completion token of the step, however the prompts are split) with
+completions fixed by each prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def single_process(tiny_model_dir, tmp_path_factory):
         preference=True)  # fmt: skip
     run("lora", tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1, steps=4,
         name="straight")  # fmt: skip
+    run("lora", tiny_model_dir, str(data), folder, "auto", devices=1, batch_size=4, accumulate=1, name="grpo",
+        grpo=True)  # fmt: skip
     return folder, data, pairs
 
 
@@ -62,7 +66,7 @@ def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strat
         timeout=400,
         capture_output=True,
     )
-    for variant in [*VARIANTS, "dpo"] if strategy == "ddp" else VARIANTS:
+    for variant in [*VARIANTS, "dpo", "grpo"] if strategy == "ddp" else VARIANTS:
         expected = json.loads((reference / f"{variant}.json").read_text())
         result = json.loads((tmp_path / f"{variant}.json").read_text())
         assert result["losses"] == pytest.approx(expected["losses"], abs=1e-5), variant
