@@ -1,8 +1,11 @@
 """Everything that writes a trained model out: Hugging Face folders, written atomically, from a running fit or
-from a checkpoint, with a model card, optionally uploaded to the Hub; and the `smolfactory export` command.
+from a checkpoint, with a model card, optionally uploaded to the Hub; and the `smolfactory export` command, which also
+writes GGUF files (smolfactory.gguf_export).
 
 smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill [--merge]
     [--push_to_hub owner/name]
+smolfactory export --checkpoint ...last.ckpt | --model outputs/quickstart/final --gguf q8_0 --output quill.gguf
+    [--modelfile]
 """
 
 from __future__ import annotations
@@ -160,16 +163,23 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
     """
     saved = read_checkpoint(Path(checkpoint))
     hparams = saved.get("hyper_parameters") or {}
-    # Imported here, as in _tokenizer: smolfactory.model and smolfactory.data import this module.
-    from smolfactory.model.recipe import model_from_checkpoint
-
-    model = model_from_checkpoint(saved)
+    model, tokenizer = model_from_saved(saved)
     if merge and isinstance(model, PeftModel):
         model = model.merge_and_unload()
     data = saved.get("datamodule_hyper_parameters") or {}
-    tokenizer = _tokenizer(hparams.get("model_name"), data.get("chat_template"))
     card = model_card(hparams, data, saved, merged=merge and bool(hparams.get("lora")))
     return save_pretrained_folder(model, tokenizer, output, card=card)
+
+
+def model_from_saved(saved: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model a checkpoint dict was saved from, with its weights, and the tokenizer (and chat template) it
+    trained with."""
+    # Imported here, as in _tokenizer: smolfactory.model and smolfactory.data import this module.
+    from smolfactory.model.recipe import model_from_checkpoint
+
+    hparams = saved.get("hyper_parameters") or {}
+    data = saved.get("datamodule_hyper_parameters") or {}
+    return model_from_checkpoint(saved), _tokenizer(hparams.get("model_name"), data.get("chat_template"))
 
 
 def _tokenizer(model_name: str, chat_template: str | None) -> PreTrainedTokenizerBase:
@@ -321,18 +331,76 @@ def push_folder(folder: str | Path, repo_id: str, option: str = "push_to_hub") -
 
 
 def main(args: list[str]) -> None:
-    """`smolfactory export`: parse its options, write the folder, upload it when asked."""
+    """`smolfactory export`: parse its options, write the folder (or GGUF file), upload it when asked."""
     parser = argparse.ArgumentParser(
-        prog="smolfactory export", description="A Lightning checkpoint to a Hugging Face folder, with a model card."
+        prog="smolfactory export",
+        description="A Lightning checkpoint to a Hugging Face folder with a model card, or a checkpoint or model "
+        "folder to a GGUF file for llama.cpp and Ollama.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or sharded folder written by smolfactory fit")
-    parser.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a .ckpt file or sharded folder written by smolfactory fit")
+    source.add_argument("--model", help="with --gguf: a model folder, an adapter folder, or builtin:...")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder to write, or the .gguf file with --gguf (replaced atomically if it exists)",
+    )
     parser.add_argument("--merge", action="store_true", help="fold LoRA adapters into the base weights")
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload the written folder to this Hub repo (owner/name)")
+    parser.add_argument("--gguf", metavar="TYPE", help="write one GGUF file of this type: f32, f16, bf16 or q8_0")
+    parser.add_argument("--modelfile", action="store_true", help="with --gguf: an Ollama Modelfile beside the file")
     options = parser.parse_args(args)
+    if options.gguf is not None or options.model is not None or options.modelfile:
+        export_gguf_command(options)
+        return
     if options.push_to_hub:
         require_token("--push_to_hub")  # before any work
     path = export_checkpoint(options.checkpoint, options.output, options.merge)
     print(f"Wrote {path} (load it with from_pretrained)")
     if options.push_to_hub:
         print(f"Uploaded {path} to {push_folder(path, options.push_to_hub, '--push_to_hub')}")
+
+
+def export_gguf_command(options: argparse.Namespace) -> None:
+    """`smolfactory export --gguf`: check the options, load and merge the model, write the file (and Modelfile)."""
+    from smolfactory.gguf_export import FILE_TYPES, check_file_type, write_gguf, write_modelfile
+
+    output = Path(options.output)
+    if options.gguf is None:
+        option = "--model" if options.model is not None else "--modelfile"
+        raise SmolFactoryError(f"{option} goes with --gguf TYPE (one of {', '.join(FILE_TYPES)})")
+    check_file_type(options.gguf)
+    if output.suffix != ".gguf" or output.is_dir():
+        raise SmolFactoryError(
+            f"--output {output} must be the .gguf file to write, such as {output.stem or 'model'}.gguf"
+        )
+    if options.push_to_hub:
+        raise SmolFactoryError("--push_to_hub uploads folders; upload a .gguf file with `hf upload REPO FILE`")
+    # --merge is implied: a GGUF holds one plain model, so LoRA adapters are always merged.
+    model, tokenizer = gguf_source(options.checkpoint, options.model)
+    if output.exists():
+        print(f"Replacing {output}")
+    path = write_gguf(model, tokenizer, output, options.gguf)
+    print(f"Wrote {path} ({options.gguf}, {path.stat().st_size / 2**20:.1f} MiB; run it with llama.cpp or Ollama)")
+    if options.modelfile:
+        modelfile, template = write_modelfile(path, model, tokenizer)
+        if template is None:
+            print(
+                f"Wrote {modelfile} without TEMPLATE: the chat template is not one we can write in Ollama's syntax "
+                "(ChatML, Llama 3), so Ollama will pick one from the file's chat template"
+            )
+        else:
+            print(f"Wrote {modelfile} ({template.format.name} template; `ollama create NAME -f {modelfile}`)")
+
+
+def gguf_source(checkpoint: str | None, model_name: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model to write as GGUF, LoRA adapters merged, in float32 on the CPU, and its tokenizer."""
+    if checkpoint is not None:
+        model, tokenizer = model_from_saved(read_checkpoint(Path(checkpoint)))
+    else:
+        from smolfactory.chat import load_chat_model
+
+        model, tokenizer = load_chat_model(model_name, "cpu")
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return model.float().eval(), tokenizer

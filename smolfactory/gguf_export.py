@@ -58,8 +58,9 @@ ARCHITECTURES = {
 # llama.cpp's fixed text (convert_hf_to_gguf.py, get_vocab_base_pre): whitespace runs, emoji, digit runs, scripts and
 # contractions, where pre-tokenizers differ. The sha256 of str(tokenizer.encode(PRE_TOKENIZER_PROBE)) names the rule.
 PRE_TOKENIZER_PROBE = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
-    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
     "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
     "I'll make it, 'D you like some tea? We'Ve a'lL"
 )
@@ -87,8 +88,7 @@ def write_gguf(
     Everything is checked before the first byte is written, and the file appears only when complete (an existing one
     is replaced atomically).
     """
-    if file_type not in FILE_TYPES:
-        raise SmolFactoryError(f"--gguf {file_type} is not a GGUF type we write; use one of {', '.join(FILE_TYPES)}")
+    check_file_type(file_type)
     config = model.config
     architecture = gguf_architecture(config)
     vocab = gguf_vocab(tokenizer, config.vocab_size)
@@ -110,6 +110,12 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def check_file_type(file_type: str) -> None:
+    """Refuse a file type we do not write, naming the ones we do."""
+    if file_type not in FILE_TYPES:
+        raise SmolFactoryError(f"--gguf {file_type} is not a GGUF type we write; use one of {', '.join(FILE_TYPES)}")
 
 
 def gguf_architecture(config: PretrainedConfig) -> Architecture:
@@ -168,7 +174,9 @@ def llama3_rope_factors(config: PretrainedConfig) -> np.ndarray:
     wavelengths = 2 * np.pi / frequencies
     smooth = (old_context / wavelengths - low) / (high - low)
     blended = 1 / ((1 - smooth) / factor + smooth)
-    factors = np.where(wavelengths < old_context / high, 1.0, np.where(wavelengths > old_context / low, factor, blended))
+    factors = np.where(
+        wavelengths < old_context / high, 1.0, np.where(wavelengths > old_context / low, factor, blended)
+    )
     return factors.astype(np.float32)
 
 
@@ -203,7 +211,9 @@ def gguf_tensors(
 def interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     """Reorder each head's rows from transformers' rotary layout (first half, second half) to llama.cpp's Llama
     layout (pairs side by side); transformers' GGUF loader applies the inverse."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def converted(
@@ -305,9 +315,7 @@ def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> S
     return StopTokens(end_of_turn, ids)
 
 
-def add_tokenizer(
-    writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab: Vocab, stops: StopTokens
-) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab: Vocab, stops: StopTokens) -> None:
     """The tokenizer keys llama.cpp reads, with the chat template and the end-of-turn id."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(vocab.pre)
