@@ -367,7 +367,7 @@ def export_gguf_command(options: argparse.Namespace) -> None:
 
     output = Path(options.output)
     if options.gguf is None:
-        option = "--model" if options.model is not None else "--modelfile"
+        option = "--modelfile" if options.modelfile else "--model"
         raise SmolFactoryError(f"{option} goes with --gguf TYPE (one of {', '.join(FILE_TYPES)})")
     check_file_type(options.gguf)
     if output.suffix != ".gguf" or output.is_dir():

@@ -90,7 +90,7 @@ def write_gguf(
     """
     check_file_type(file_type)
     config = model.config
-    architecture = gguf_architecture(config)
+    architecture = gguf_architecture(model)
     vocab = gguf_vocab(tokenizer, config.vocab_size)
     stops = stop_tokens(model, tokenizer)
     tensors = gguf_tensors(model, architecture, FILE_TYPES[file_type][1])
@@ -118,9 +118,9 @@ def check_file_type(file_type: str) -> None:
         raise SmolFactoryError(f"--gguf {file_type} is not a GGUF type we write; use one of {', '.join(FILE_TYPES)}")
 
 
-def gguf_architecture(config: PretrainedConfig) -> Architecture:
-    """The llama.cpp architecture of a model config, or a one-line refusal naming what we support."""
-    name = (config.architectures or [type(config).__name__])[0]
+def gguf_architecture(model: PreTrainedModel) -> Architecture:
+    """The llama.cpp architecture of a model's class, or a one-line refusal naming what we support."""
+    name = type(model).__name__
     if name not in ARCHITECTURES:
         raise SmolFactoryError(
             f"GGUF export does not support {name}; supported: {', '.join(ARCHITECTURES)} (SmolLM2, Llama 3.x, "
