@@ -112,21 +112,30 @@ def write_gguf(
     return path
 
 
-def check_file_type(file_type: str) -> None:
-    """Refuse a file type we do not write, naming the ones we do."""
+def check_exportable(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every refusal write_gguf could make, without converting a weight: for a fit, before training starts."""
+    gguf_architecture(model)
+    rope_parameters(model.config)
+    gguf_vocab(tokenizer, model.config.vocab_size)
+    stop_tokens(model, tokenizer)
+
+
+def check_file_type(file_type: str, option: str = "--gguf") -> None:
+    """Refuse a file type we do not write, naming the option that asked for it and the types we do write."""
     if file_type not in FILE_TYPES:
-        raise SmolFactoryError(f"--gguf {file_type} is not a GGUF type we write; use one of {', '.join(FILE_TYPES)}")
+        raise SmolFactoryError(f"{option} {file_type} is not a GGUF type we write; use one of {', '.join(FILE_TYPES)}")
 
 
 def gguf_architecture(model: PreTrainedModel) -> Architecture:
-    """The llama.cpp architecture of a model's class, or a one-line refusal naming what we support."""
-    name = type(model).__name__
-    if name not in ARCHITECTURES:
-        raise SmolFactoryError(
-            f"GGUF export does not support {name}; supported: {', '.join(ARCHITECTURES)} (SmolLM2, Llama 3.x, "
-            "Qwen2.5); export a Hugging Face folder instead"
-        )
-    return ARCHITECTURES[name]
+    """The llama.cpp architecture of a model's class (or a class it derives from: FSDP2 wraps a model in a subclass
+    named FSDP<name>), or a one-line refusal naming what we support."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in ARCHITECTURES:
+            return ARCHITECTURES[cls.__name__]
+    raise SmolFactoryError(
+        f"GGUF export does not support {type(model).__name__}; supported: {', '.join(ARCHITECTURES)} (SmolLM2, "
+        "Llama 3.x, Qwen2.5); export a Hugging Face folder instead"
+    )
 
 
 # --- Hyper-parameters -------------------------------------------------------------------------------------------

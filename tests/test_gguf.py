@@ -387,3 +387,17 @@ def test_refusals_are_one_line_with_status_2(tiny_model_dir, tmp_path, capfd, mo
     assert run.code == 2
     assert len(run.err.strip().splitlines()) == 1 and run.error.startswith(f"error: {message}")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_fit_with_export_gguf_writes_the_merged_file_beside_the_final_folder(tiny_model_dir, tiny_data, tmp_path):
+    from smolfactory import LoraSettings, SFTModule
+    from smolfactory.callbacks.export import HFExport
+    from tests.conftest import fit
+
+    module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, alpha=8), optimizer=adamw(1e-2))
+    fit(module, tiny_data, tmp_path, max_steps=1, callbacks=[HFExport(gguf="q8_0")])
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "final.gguf").read_bytes()[:4] == b"GGUF"
+    with pytest.raises(SmolFactoryError, match="export.gguf q4_k is not a GGUF type we write"):
+        HFExport(gguf="q4_k")

@@ -1,4 +1,4 @@
-"""Save a Hugging Face folder (adapter or full model, plus tokenizer) when fit ends."""
+"""Save a Hugging Face folder (adapter or full model, plus tokenizer) when fit ends, and optionally a GGUF file."""
 
 from __future__ import annotations
 
@@ -6,22 +6,29 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftModel
 
-from smolfactory.export import push_folder, require_token, save_trained_model
+from smolfactory.export import gguf_source, push_folder, require_token, save_trained_model
+from smolfactory.gguf_export import check_exportable, check_file_type, write_gguf
 from smolfactory.model.loading import load_tokenizer
 
 
 class HFExport(L.Callback):
-    def __init__(self, dirname: str = "final", push_to_hub: str | None = None) -> None:
+    def __init__(self, dirname: str = "final", push_to_hub: str | None = None, gguf: str | None = None) -> None:
         """Write the trained model as a Hugging Face folder at the end of fit, and upload it when asked.
 
         Args:
             dirname: Folder under trainer.default_root_dir that receives the adapter (or full model) and tokenizer.
             push_to_hub: Hub repo id (owner/name) that receives the folder; a missing token stops fit before
                 training starts.
+            gguf: Also write DIRNAME.gguf beside the folder, LoRA merged, for llama.cpp and Ollama: f32, f16, bf16
+                or q8_0 (null: no GGUF). A model or tokenizer GGUF export refuses stops fit before training starts.
         """
+        if gguf is not None:
+            check_file_type(gguf, "export.gguf")
         self.dirname = dirname
         self.push_to_hub = push_to_hub
+        self.gguf = gguf
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.push_to_hub:
@@ -32,6 +39,10 @@ class HFExport(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step
+        if self.gguf is not None:  # the model is built by now; a refusal comes before any training
+            model = pl_module.model
+            model = model.get_base_model() if isinstance(model, PeftModel) else model
+            check_exportable(model, self._tokenizer(trainer, pl_module))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.default_root_dir) / self.dirname
@@ -44,11 +55,21 @@ class HFExport(L.Callback):
             return
         tokenizer = None
         if trainer.is_global_zero:  # the one rank that writes (the others only help gather sharded weights)
-            tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
+            tokenizer = self._tokenizer(trainer, pl_module)
         path = save_trained_model(trainer.strategy, pl_module.model, tokenizer, folder)
         if path is None:  # not rank 0
             return
         rank_zero_info(f"Saved the trained model to {path} (load it with from_pretrained)")
+        if self.gguf is not None:
+            # Read back from the folder just written: sharded and LoRA runs alike give one plain, merged model.
+            model, tokenizer = gguf_source(None, str(path))
+            gguf_path = write_gguf(model, tokenizer, path.with_name(f"{path.name}.gguf"), self.gguf)
+            rank_zero_info(f"Saved a {self.gguf} GGUF of it to {gguf_path} (run it with llama.cpp or Ollama)")
         if self.push_to_hub:
             url = push_folder(path, self.push_to_hub, "export.push_to_hub")
             rank_zero_info(f"Uploaded {path} to {url}")
+
+    @staticmethod
+    def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule):
+        """The tokenizer the data module trained with, or the model's own."""
+        return getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
