@@ -401,3 +401,22 @@ def test_fit_with_export_gguf_writes_the_merged_file_beside_the_final_folder(tin
     assert (tmp_path / "final.gguf").read_bytes()[:4] == b"GGUF"
     with pytest.raises(SmolFactoryError, match="export.gguf q4_k is not a GGUF type we write"):
         HFExport(gguf="q4_k")
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(small_tokenizer, small_vocab, tmp_path):
+    # transformers' GGUF loader ignores rope_freqs.weight, so compare with its own scaled frequencies instead:
+    # llama.cpp divides each default rotary frequency by its factor.
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = small_llama(len(small_tokenizer))
+    scaled = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "rope_parameters": rope}))
+    plain = LlamaForCausalLM(
+        LlamaConfig(**{**model.config.to_dict(), "rope_parameters": {**rope, "rope_type": "default"}})
+    )
+    path = write_gguf(scaled, small_tokenizer, tmp_path / "llama3.gguf", "f16")
+    _, _, tensors = read(path)
+    factors = torch.from_numpy(np.asarray(tensors["rope_freqs.weight"].data))
+    assert tensors["rope_freqs.weight"].tensor_type.name == "F32"
+    assert len(factors) == 8 and factors.min() == 1 and factors.max() == 32  # head_dim 16: 8 frequencies
+    inv_freq = plain.model.rotary_emb.inv_freq / factors
+    torch.testing.assert_close(inv_freq, scaled.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
