@@ -396,7 +396,13 @@ def export_gguf_command(options: argparse.Namespace) -> None:
 def gguf_source(checkpoint: str | None, model_name: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model to write as GGUF, LoRA adapters merged, in float32 on the CPU, and its tokenizer."""
     if checkpoint is not None:
-        model, tokenizer = model_from_saved(read_checkpoint(Path(checkpoint)))
+        saved = read_checkpoint(Path(checkpoint))
+        hparams = saved.get("hyper_parameters") or {}
+        if hparams.get("quantization"):
+            # A quantized base holds packed bytes, not weights: merge into the base as published, as QLoRA does.
+            print(f"Merging into the unquantized base ({hparams['quantization']} was for training only)")
+            saved["hyper_parameters"] = {**hparams, "quantization": None}
+        model, tokenizer = model_from_saved(saved)
     else:
         from smolfactory.chat import load_chat_model
 

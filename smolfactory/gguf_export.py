@@ -26,9 +26,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from smolfactory.errors import SmolFactoryError
+from smolfactory.errors import SmolFactoryError, first_line
 from smolfactory.export import atomic_file, without_tied_copies
 
 # --gguf value -> (the file type the header states, the type of the 2-D weights)
@@ -307,8 +308,11 @@ def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> S
             "the tokenizer has no chat template, so llama.cpp and Ollama could not format a conversation and the "
             "model would not know when to stop; set data.chat_template when training, or export a tokenizer with one"
         )
-    rendered = tokenizer.apply_chat_template(PROBE, tokenize=False)
-    after = rendered[rendered.index(ANSWER_MARKER) + len(ANSWER_MARKER) :]
+    try:
+        rendered = tokenizer.apply_chat_template(PROBE, tokenize=False)
+    except TemplateError as error:
+        raise SmolFactoryError(f"the chat template fails on a user and assistant turn ({first_line(error)})") from error
+    after = rendered[rendered.find(ANSWER_MARKER) + len(ANSWER_MARKER) :] if ANSWER_MARKER in rendered else ""
     specials = sorted((token for token in tokenizer.get_added_vocab() if after.startswith(token)), key=len)
     if not specials:
         raise SmolFactoryError(

@@ -289,6 +289,9 @@ def test_a_tokenizer_without_template_or_end_of_turn_is_refused(small_tokenizer,
     bare.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(SmolFactoryError, match="writes no special token after an assistant's answer"):
         write_gguf(model, bare, tmp_path / "bare.gguf")
+    bare.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(SmolFactoryError, match="template fails on a user and assistant turn .Conversation roles"):
+        write_gguf(model, bare, tmp_path / "bare.gguf")
     assert not list(tmp_path.iterdir())
 
 

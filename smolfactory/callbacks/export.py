@@ -22,7 +22,8 @@ class HFExport(L.Callback):
             push_to_hub: Hub repo id (owner/name) that receives the folder; a missing token stops fit before
                 training starts.
             gguf: Also write DIRNAME.gguf beside the folder, LoRA merged, for llama.cpp and Ollama: f32, f16, bf16
-                or q8_0 (null: no GGUF). A model or tokenizer GGUF export refuses stops fit before training starts.
+                or q8_0 (null: no GGUF). A model or tokenizer that GGUF export would refuse stops fit before
+                training starts.
         """
         if gguf is not None:
             check_file_type(gguf, "export.gguf")
