@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 import torch
 from jinja2 import TemplateError
+from peft import PeftModel
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from smolfactory.errors import SmolFactoryError, first_line
@@ -130,6 +131,8 @@ def check_file_type(file_type: str, option: str = "--gguf") -> None:
 def gguf_architecture(model: PreTrainedModel) -> Architecture:
     """The llama.cpp architecture of a model's class (or a class it derives from: FSDP2 wraps a model in a subclass
     named FSDP<name>), or a one-line refusal naming what we support."""
+    if isinstance(model, PeftModel):
+        raise SmolFactoryError("GGUF export takes a plain model: merge the LoRA adapter first (merge_and_unload())")
     for cls in type(model).__mro__:
         if cls.__name__ in ARCHITECTURES:
             return ARCHITECTURES[cls.__name__]
