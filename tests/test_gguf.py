@@ -418,7 +418,7 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(small_to
     )
     path = write_gguf(scaled, small_tokenizer, tmp_path / "llama3.gguf", "f16")
     _, _, tensors = read(path)
-    factors = torch.from_numpy(np.asarray(tensors["rope_freqs.weight"].data))
+    factors = torch.tensor(np.array(tensors["rope_freqs.weight"].data))
     assert tensors["rope_freqs.weight"].tensor_type.name == "F32"
     assert len(factors) == 8 and factors.min() == 1 and factors.max() == 32  # head_dim 16: 8 frequencies
     inv_freq = plain.model.rotary_emb.inv_freq / factors
