@@ -7,9 +7,12 @@ and runs the same check on the quickstart model, q8_0 included.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 
+import numpy as np
 import pytest
+from gguf import GGUFReader
 
 from smolfactory.chat import ChatSession, load_chat_model
 from smolfactory.model.loading import DEFAULT_MODEL
@@ -34,12 +37,33 @@ pytestmark = [
 ]
 
 
+def export(capfd, file_type: str, path):
+    run = smolfactory(capfd, "export", "--model", DEFAULT_MODEL, "--gguf", file_type, "--output", path)
+    assert run.code == 0, run.err
+    return path
+
+
+def test_our_q8_0_file_holds_the_bytes_llama_cpps_own_quantizer_writes(tmp_path, capfd):
+    import llama_cpp
+
+    ours = export(capfd, "q8_0", tmp_path / "ours-q8_0.gguf")
+    theirs = tmp_path / "llama-cpp-q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    source = export(capfd, "f32", tmp_path / "f32.gguf")
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    expected = {tensor.name: tensor for tensor in GGUFReader(theirs).tensors}
+    written = {tensor.name: tensor for tensor in GGUFReader(ours).tensors}
+    assert written.keys() == expected.keys()
+    for name, tensor in written.items():
+        assert tensor.tensor_type == expected[name].tensor_type, name
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(expected[name].data)), name
+
+
 def test_llama_cpp_answers_from_the_f32_file_as_smolfactory_chat_does(tmp_path, capfd):
     from llama_cpp import Llama
 
-    path = tmp_path / "smollm2.gguf"
-    run = smolfactory(capfd, "export", "--model", DEFAULT_MODEL, "--gguf", "f32", "--output", path)
-    assert run.code == 0, run.err
+    path = export(capfd, "f32", tmp_path / "smollm2.gguf")
 
     model, tokenizer = load_chat_model(DEFAULT_MODEL, "cpu")
     expected = [ChatSession(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS).reply(prompt) for prompt in PROMPTS]
