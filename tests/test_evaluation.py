@@ -1,0 +1,183 @@
+"""lm-eval task evaluation: the in-training callback, the `smolfactory evaluate` command, local tasks scored by our
+reward functions, adapters, DDP and FSDP, and the one-line errors.
+
+Two local tasks, written by the tests: a multiple-choice one (loglikelihoods: acc, acc_norm) and a generation one
+scored by reward functions through `reward_results` (exact_answer on the first number, and a test reward that counts
+the answer's characters, so that a random model still gets a score that depends on every generated token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from smolfactory import SFTModule
+from smolfactory.callbacks.evaluation import TaskEvaluation
+from smolfactory.errors import SmolFactoryError
+from smolfactory.evaluation import reward_results
+from tests.conftest import QUICKSTART, ROOT, smolfactory, stand_in_config, tiny_overrides, write_jsonl
+
+CHOICES = [
+    {"question": "What colour is the sky?", "choices": ["blue", "green", "loud"], "label": 0},
+    {"question": "How many legs has a cat?", "choices": ["two", "four", "nine"], "label": 1},
+    {"question": "Which is a fruit?", "choices": ["stone", "chair", "apple"], "label": 2},
+    {"question": "What do bees make?", "choices": ["honey", "steel", "glass"], "label": 0},
+    {"question": "Which is larger, 3 or 30?", "choices": ["3", "30"], "label": 1},
+    {"question": "What is frozen water?", "choices": ["steam", "ice", "sand"], "label": 1},
+]
+NUMBERS = [{"prompt": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b))} for a, b in
+           [(3, 7), (12, 5), (40, 41), (9, 2), (17, 32)]]  # fmt: skip
+CHOICE_METRICS = {"eval_tiny_choice_acc", "eval_tiny_choice_acc_norm"}
+NUMBER_METRICS = {"eval_tiny_numbers_exact_answer", "eval_tiny_numbers_answer_chars"}
+
+
+def answer_chars(prompts, completions, **kwargs) -> list[float]:
+    """A test reward: the answer's length in characters (depends on every token a random model generates)."""
+    return [float(len(completion)) for completion in completions]
+
+
+UTILS = """from smolfactory.evaluation import reward_results
+
+exact = reward_results("smolfactory.rewards.exact_answer", extract="first_number")
+length = reward_results("tests.test_evaluation.answer_chars")
+
+
+def process_results(doc, results):
+    return exact(doc, results) | length(doc, results)
+"""
+
+
+@pytest.fixture(scope="session")
+def task_folder(tmp_path_factory) -> Path:
+    """A folder with the two local tasks, tiny_choice and tiny_numbers, as a user would write them."""
+    folder = tmp_path_factory.mktemp("tasks")
+    choice = {
+        "task": "tiny_choice",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(write_jsonl(folder / "choice.jsonl", CHOICES))}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }
+    numbers = {
+        "task": "tiny_numbers",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(write_jsonl(folder / "numbers.jsonl", NUMBERS))}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [
+            {"metric": "exact_answer", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "answer_chars", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+    (folder / "choice.yaml").write_text(yaml.safe_dump(choice))
+    # lm-eval's YAML tag for a function in the task's folder
+    (folder / "numbers.yaml").write_text(yaml.safe_dump(numbers) + "process_results: !function utils.process_results\n")
+    (folder / "utils.py").write_text(UTILS)
+    return folder
+
+
+def lm_eval_scores(folder: str, task_folder: Path, model_args: str = "") -> dict[str, float]:
+    """lm-eval's own `simple_evaluate` on a saved folder, as a user would run it: the reference numbers."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from smolfactory.evaluation import task_metrics
+
+    manager = TaskManager(include_path=str(task_folder), include_defaults=False)
+    results = simple_evaluate(
+        model="hf", model_args=f"pretrained={folder},dtype=float32{model_args}", tasks=["tiny_choice", "tiny_numbers"],
+        task_manager=manager, device="cpu", batch_size=4, log_samples=False, bootstrap_iters=0,
+    )  # fmt: skip
+    return task_metrics(results)
+
+
+def merged_folder(base: str, adapter: Path, output: Path) -> str:
+    """An adapter folder merged into its base, saved as a plain model folder with the adapter's tokenizer."""
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged.save_pretrained(output)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(output)
+    return str(output)
+
+
+# --- reward_results -----------------------------------------------------------------------------------------------
+
+
+def test_reward_results_scores_a_generation_with_a_reward_function():
+    process = reward_results("smolfactory.rewards.exact_answer", extract="first_number")
+    doc = {"prompt": "Which number is larger, 17 or 32?", "answer": "32"}
+    assert process(doc, ["32 is larger than 17."]) == {"exact_answer": 1.0}
+    assert process(doc, ["17 is smaller than 32."]) == {"exact_answer": 0.0}  # the first number, as GRPO scores
+    other_column = reward_results("exact_answer", answer="target")
+    assert other_column({"target": 5}, ["It is 5"]) == {"exact_answer": 1.0}
+    with pytest.raises(SmolFactoryError, match="no column 'answer'.*answer=<column>"):
+        process({"target": "32"}, ["32"])
+    with pytest.raises(SmolFactoryError, match="cannot import smolfactory.rewards.no_such"):
+        reward_results("smolfactory.rewards.no_such")
+
+
+# --- the callback -------------------------------------------------------------------------------------------------
+
+
+class Probe(L.Callback):
+    """Records, after each evaluation, whether the model was back in training mode with gradients on."""
+
+    def __init__(self) -> None:
+        self.after: list[tuple[bool, bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # runs after TaskEvaluation's (listed first)
+        self.after.append((pl_module.model.training, torch.is_grad_enabled()))
+
+
+@pytest.mark.slow
+def test_the_in_training_score_equals_lm_eval_on_the_exported_folder(tiny_model_dir, tiny_data, task_folder, tmp_path):
+    """A LoRA fit with gradient checkpointing (lm-eval's wrapper around the PeftModel being trained): the callback's
+    score at the last step equals lm-eval run on the folder the fit exported, merged (a full fine-tune is a plain
+    model, which the command's tests score)."""
+    from smolfactory.callbacks import HFExport
+
+    evaluation = TaskEvaluation(
+        tasks=["tiny_choice", "tiny_numbers"], include_path=[str(task_folder)], batch_size=4, every_n_steps=2
+    )
+    probe = Probe()
+    module = SFTModule(model_name=tiny_model_dir, gradient_checkpointing=True)
+    logger = CSVLogger(tmp_path, name="logs")
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[evaluation, probe, HFExport()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=tiny_data)
+    assert set(evaluation.latest) == CHOICE_METRICS | NUMBER_METRICS
+    assert probe.after == [(True, True)] * 2  # training mode and gradients back after the evaluation at step 2
+    merged = merged_folder(tiny_model_dir, tmp_path / "final", tmp_path / "merged")
+    assert evaluation.latest == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-6)
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert CHOICE_METRICS | NUMBER_METRICS <= set(logged)
+
+
+def test_no_tasks_is_off_and_imports_nothing(tiny_model_dir, tmp_path):
+    """The CLI always registers the callback: without tasks it must cost nothing (lm-eval's import is slow)."""
+    code = (
+        "import sys; from smolfactory.callbacks.evaluation import TaskEvaluation; "
+        "callback = TaskEvaluation(); callback.setup(None, None, 'fit'); assert callback.evaluate(None, None) == {}; "
+        "import smolfactory.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
