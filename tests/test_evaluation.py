@@ -8,6 +8,7 @@ the answer's characters, so that a random model still gets a score that depends 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -181,3 +182,73 @@ def test_no_tasks_is_off_and_imports_nothing(tiny_model_dir, tmp_path):
         "import smolfactory.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+
+
+# --- the command --------------------------------------------------------------------------------------------------
+
+
+def evaluate_args(task_folder: Path, *args: object) -> list[object]:
+    """`smolfactory evaluate` on the two local tasks, on the CPU."""
+    return ["evaluate", "--tasks", "tiny_choice,tiny_numbers", "--include_path", task_folder, "--batch_size", 4,
+            "--device", "cpu", *args]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def perturbed_adapter(tiny_adapter_dir, tmp_path_factory) -> str:
+    """The tiny adapter with its LoRA B matrices made nonzero (peft starts them at zero: a no-op adapter)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("perturbed-adapter")
+    for path in Path(tiny_adapter_dir).iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    weights = load_file(folder / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, value in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(value.shape, generator=generator) * 0.5
+    save_file(weights, folder / "adapter_model.safetensors")
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_folder_and_an_adapter_as_lm_eval_does(capfd, tiny_model_dir, perturbed_adapter,
+                                                                 task_folder, tmp_path):  # fmt: skip
+    """The command on a model folder equals lm-eval on that folder; on an adapter folder (base + adapter, as chat
+    loads it) it equals lm-eval on the merged model, and differs from the base (the adapter is no no-op)."""
+    base = smolfactory(capfd, *evaluate_args(task_folder, "--model", tiny_model_dir, "--output", tmp_path / "a.json"))
+    assert base.code == 0, base.err
+    assert "|tiny_choice |" in base.out and "exact_answer" in base.out  # lm-eval's table
+    written = json.loads((tmp_path / "a.json").read_text())
+    from smolfactory.evaluation import task_metrics
+
+    assert task_metrics(written) == pytest.approx(lm_eval_scores(tiny_model_dir, task_folder), abs=1e-6)
+    assert not list(tmp_path.glob(".*"))  # written atomically: no staging file left
+
+    adapter = smolfactory(capfd, *evaluate_args(task_folder, "--model", perturbed_adapter, "--output", tmp_path / "b.json"))  # noqa: E501
+    assert adapter.code == 0, adapter.err
+    scores = task_metrics(json.loads((tmp_path / "b.json").read_text()))
+    merged = merged_folder(tiny_model_dir, Path(perturbed_adapter), tmp_path / "merged")
+    assert scores == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-6)
+    assert scores != pytest.approx(task_metrics(written), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fit_from_yaml_logs_task_scores_and_a_checkpoint_scores_the_same(capfd, tiny_model_dir, task_folder,
+                                                                         tmp_path):  # fmt: skip
+    """`evaluation:` in a config turns the callback on in `smolfactory fit`: the scores at the validation after
+    the last step are in metrics.csv, and `smolfactory evaluate --checkpoint` on last.ckpt gives the same."""
+    evaluation = {"tasks": ["tiny_choice", "tiny_numbers"], "include_path": [str(task_folder)], "batch_size": 4}
+    config = stand_in_config(tmp_path, tiny_model_dir, evaluation=evaluation)
+    run = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir),
+                      "--config", config, "--samples.prompts=[]")  # fmt: skip
+    assert run.code == 0, run.err
+    assert "Task evaluation at step 2" in run.out
+    rows = list(csv.DictReader((next(tmp_path.rglob("metrics.csv"))).open()))
+    logged = {name: float(value) for row in rows for name, value in row.items() if name.startswith("eval_") and value}
+    assert set(logged) == CHOICE_METRICS | NUMBER_METRICS
+    scored = smolfactory(capfd, *evaluate_args(task_folder, "--checkpoint", tmp_path / "checkpoints" / "last.ckpt",
+                                               "--output", tmp_path / "c.json"))  # fmt: skip
+    assert scored.code == 0, scored.err
+    from smolfactory.evaluation import task_metrics
+
+    assert task_metrics(json.loads((tmp_path / "c.json").read_text())) == pytest.approx(logged, abs=1e-5)
