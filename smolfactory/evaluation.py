@@ -86,7 +86,7 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str] = ()) -> Tas
 
     A name is one of lm-eval's tasks, groups or tags (or one that a folder in ``include_path`` defines), a task
     YAML file, a folder of task YAML files (its tasks), or ``builtin:<name>`` for a task we ship. lm-eval's own
-    registry is indexed (about 10 s) only when a name is looked up in it.
+    registry is indexed (about 10 s) only when a name is none of the others.
 
     Raises:
         SmolFactoryError: lm-eval is not installed, no task is given, or a name is none of the above.
@@ -101,9 +101,11 @@ def resolve_tasks(tasks: Sequence[str], include_path: Sequence[str] = ()) -> Tas
     for path in folders:
         if not Path(path).is_dir():
             raise SmolFactoryError(f"include_path {path} is not a folder; give folders of task YAML files")
-    in_registry = any(not (name.startswith(BUILTIN_PREFIX) or Path(name).exists()) for name in names)
     folders += [name for name in names if Path(name).is_dir()]
-    manager = TaskManager(include_path=folders or None, include_defaults=in_registry)
+    manager = TaskManager(include_path=folders or None, include_defaults=False)
+    local = {name for name in names if name.startswith(BUILTIN_PREFIX) or Path(name).exists()}
+    if not local.union(manager.all_tasks).issuperset(names):  # lm-eval's own registry is needed
+        manager = TaskManager(include_path=folders or None)
     specs: list[str | dict[str, Any]] = []
     for name in names:
         if name.startswith(BUILTIN_PREFIX):
