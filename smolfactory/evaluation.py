@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -204,8 +205,15 @@ def evaluate(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    # A copy: lm-eval may give the tokenizer a pad token, and the data module's must stay as it is.
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    # A copy: lm-eval may give the tokenizer a pad token, and the data module's must stay as it is. Its warnings
+    # that an in-memory model ignores loading options, and is scored in one process, say nothing to our users.
+    wrapper_log = logging.getLogger("lm_eval.models.huggingface")
+    level = wrapper_log.level
+    wrapper_log.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    finally:
+        wrapper_log.setLevel(level)
     with generators_kept():
         return simple_evaluate(
             model=lm,

@@ -162,7 +162,8 @@ def test_the_in_training_score_equals_lm_eval_on_the_exported_folder(tiny_model_
     logger = CSVLogger(tmp_path, name="logs")
     L.seed_everything(0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=logger, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=logger, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, callbacks=[evaluation, probe, HFExport()],
     )  # fmt: skip
     trainer.fit(module, datamodule=tiny_data)
@@ -224,7 +225,9 @@ def test_evaluate_scores_a_folder_and_an_adapter_as_lm_eval_does(capfd, tiny_mod
     assert task_metrics(written) == pytest.approx(lm_eval_scores(tiny_model_dir, task_folder), abs=1e-6)
     assert not list(tmp_path.glob(".*"))  # written atomically: no staging file left
 
-    adapter = smolfactory(capfd, *evaluate_args(task_folder, "--model", perturbed_adapter, "--output", tmp_path / "b.json"))  # noqa: E501
+    adapter = smolfactory(
+        capfd, *evaluate_args(task_folder, "--model", perturbed_adapter, "--output", tmp_path / "b.json")
+    )
     assert adapter.code == 0, adapter.err
     scores = task_metrics(json.loads((tmp_path / "b.json").read_text()))
     merged = merged_folder(tiny_model_dir, Path(perturbed_adapter), tmp_path / "merged")
@@ -252,3 +255,55 @@ def test_fit_from_yaml_logs_task_scores_and_a_checkpoint_scores_the_same(capfd, 
     from smolfactory.evaluation import task_metrics
 
     assert task_metrics(json.loads((tmp_path / "c.json").read_text())) == pytest.approx(logged, abs=1e-5)
+
+
+# --- one-line errors ----------------------------------------------------------------------------------------------
+
+ERRORS = {
+    "unknown task": (
+        ["--tasks", "no_such_task"],
+        "unknown task 'no_such_task': not in lm-eval's registry or the "
+        "folders {tasks}, nor a task YAML file or folder; `lm-eval ls tasks` lists the registry",
+    ),
+    "unknown built-in task": (
+        ["--tasks", "builtin:nope"],
+        "unknown built-in task 'builtin:nope'; the built-in tasks are builtin:quickstart-grpo",
+    ),
+    "include_path not a folder": (
+        ["--tasks", "tiny_choice", "--include_path", "{tasks}/choice.yaml"],
+        "include_path {tasks}/choice.yaml is not a folder",
+    ),
+    "not a model folder": (
+        ["--tasks", "tiny_choice", "--model", "{tasks}"],
+        "{tasks} holds neither config.json nor adapter_config.json; give a model or adapter folder",
+    ),
+    "model and checkpoint": (
+        ["--tasks", "tiny_choice", "--model", "{tasks}", "--checkpoint", "last.ckpt"],
+        "give --model or --checkpoint, not both",
+    ),
+    "no lm-eval": (["--tasks", "tiny_choice"], "task evaluation needs lm-evaluation-harness"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=[pytest.mark.slow] if case == "unknown task" else []) for case in ERRORS]
+)  # the unknown task is looked up in lm-eval's whole registry, which takes seconds to index
+def test_problems_are_one_line_with_status_2(capfd, monkeypatch, task_folder, case):
+    args, message = ERRORS[case]
+    if case == "no lm-eval":
+        monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without the extra sees
+    base = ["evaluate", "--include_path", task_folder] if "--include_path" not in args else ["evaluate"]
+    run = smolfactory(capfd, *base, *[arg.format(tasks=task_folder) for arg in args])
+    assert run.code == 2, run.err
+    assert run.error.startswith("error: " + message.format(tasks=task_folder)), run.error
+    assert len(run.err.strip().splitlines()) == 1, run.err
+    if case == "no lm-eval":
+        assert run.error.endswith("pip install 'smolfactory[eval]'")
+
+
+def test_fit_with_an_unknown_task_stops_before_training(capfd, tiny_model_dir, tmp_path):
+    config = stand_in_config(tmp_path, tiny_model_dir, evaluation={"tasks": ["builtin:nope"]})
+    run = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", tiny_overrides(tmp_path, tiny_model_dir),
+                      "--config", config)  # fmt: skip
+    assert run.code == 2 and run.error.startswith("error: unknown built-in task 'builtin:nope'"), run.err
+    assert not (tmp_path / "checkpoints").exists()

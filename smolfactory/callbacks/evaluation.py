@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from smolfactory.model.build import causal_lm_of
 from smolfactory.model.loading import load_tokenizer
@@ -105,26 +105,39 @@ class TaskEvaluation(L.Callback):
 
 @contextmanager
 def scoring(model: torch.nn.Module, strategy: Any) -> Iterator[None]:
-    """Eval mode without gradients for the block, then every module's training mode and ``use_cache`` as before.
-
-    Under FSDPStrategy the root's own weights (embeddings, final norm, LM head: those outside any decoder layer's
-    unit) stay sharded when the model is called directly rather than through the wrapped module, so they are
-    gathered for the block; each layer gathers its own in its forward, as in training.
-    """
+    """Eval mode without gradients for the block (the root's sharded weights gathered), then every module's
+    training mode and ``use_cache`` as before."""
     modes = {module: module.training for module in model.modules()}
     config = causal_lm_of(model).config
     use_cache = config.use_cache
-    root = strategy.model if isinstance(strategy, FSDPStrategy) else None
-    gathered = (
-        FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)
-        if isinstance(root, FullyShardedDataParallel)
-        else nullcontext()
-    )
     try:
-        with torch.no_grad(), gathered:
+        with torch.no_grad(), root_weights_gathered(model, strategy):
             model.eval()
             yield
     finally:
         for module, training in modes.items():
             module.train(training)
         config.use_cache = use_cache
+
+
+@contextmanager
+def root_weights_gathered(model: torch.nn.Module, strategy: Any) -> Iterator[None]:
+    """The sharded root group's weights (embeddings, final norm, LM head: those outside every decoder layer's group)
+    gathered for the block, for a model that is called other than through the root's own forward.
+
+    lm-eval calls the model, but also ``generate``, which under a PeftModel calls the transformers model inside it:
+    the root's gathering hooks would not run. Each decoder layer gathers its own weights in its forward, as in
+    training. FSDP2 (ModelParallelStrategy): the root is the model; FSDPStrategy: the wrapped LightningModule.
+    """
+    root = strategy.model if isinstance(strategy, FSDPStrategy) else model
+    if isinstance(root, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False):
+            yield
+    elif isinstance(root, FSDPModule):
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+    else:
+        yield
