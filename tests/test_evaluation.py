@@ -307,3 +307,26 @@ def test_fit_with_an_unknown_task_stops_before_training(capfd, tiny_model_dir, t
                       "--config", config)  # fmt: skip
     assert run.code == 2 and run.error.startswith("error: unknown built-in task 'builtin:nope'"), run.err
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- DDP and FSDP -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_score_once_or_in_lockstep_as_one_process(tiny_model_dir, task_folder, tmp_path, strategy):
+    """DDP: rank 0 scores, rank 1 waits; FSDP2: both ranks run every request (each forward needs both shards).
+    Either way both ranks get the same metrics, equal to lm-eval's on the model the run exported."""
+    from tests.conftest import RAGGED
+
+    data = write_jsonl(tmp_path / "ragged.jsonl", RAGGED)
+    command = [sys.executable, "tests/distributed_evaluation.py", strategy, tiny_model_dir, data, task_folder, tmp_path]
+    subprocess.run(
+        [str(arg) for arg in command], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=300
+    )
+    ranks = [json.loads((tmp_path / f"{strategy}-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["runs"] for rank in ranks] == ([1, 0] if strategy == "ddp" else [1, 1])
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert set(ranks[0]["metrics"]) == CHOICE_METRICS | NUMBER_METRICS
+    merged = merged_folder(tiny_model_dir, tmp_path / strategy / "final", tmp_path / "merged")
+    assert ranks[0]["metrics"] == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-5)
