@@ -1,9 +1,11 @@
-"""Two CPU processes fit a tiny LoRA model for one step with TaskEvaluation, and record what each rank scored.
+"""Two CPU processes fit a tiny LoRA model for one step with TaskEvaluation, under DDP, FSDP2 and FSDP in turn, and
+record what each rank scored.
 
-    python tests/distributed_evaluation.py ddp|fsdp2|fsdp MODEL_DIR DATA_PATH TASK_FOLDER OUT_FOLDER
+    python tests/distributed_evaluation.py MODEL_DIR DATA_PATH TASK_FOLDER OUT_FOLDER
 
-Each rank writes OUT_FOLDER/<strategy>-rank<N>.json: how many times lm-eval ran on it and the metrics the callback
-gave it; the trained model is exported to OUT_FOLDER/<strategy>/final for the test to score with lm-eval itself.
+For each strategy each rank writes OUT_FOLDER/<strategy>-rank<N>.json: how many times lm-eval ran on it and the
+metrics the callback gave it; the trained model is exported to OUT_FOLDER/<strategy>/final for the test to score
+with lm-eval itself.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ STRATEGIES = {
     "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
     "fsdp": lambda: CPUFSDPStrategy(auto_wrap_policy=DecoderLayerPolicy()),
 }
-RUNS: list[int] = []
+RUNS: list[str] = []
 
 
 def counted(*args, **kwargs):
     """smolfactory.evaluation.evaluate, counted on this rank."""
-    RUNS.append(1)
+    RUNS.append("run")
     return EVALUATE(*args, **kwargs)
 
 
@@ -41,9 +43,9 @@ EVALUATE = smolfactory.evaluation.evaluate
 smolfactory.evaluation.evaluate = counted
 
 
-def main() -> None:
-    name, model_dir, data_path, task_folder, out = sys.argv[1:6]
-    out = Path(out)
+def run(name: str, model_dir: str, data_path: str, task_folder: str, out: Path) -> None:
+    """One step of a LoRA fit under the strategy ``name``, scored after the step."""
+    RUNS.clear()
     L.seed_everything(0)
     module = SFTModule(model_name=model_dir, lora=LoraSettings(r=4, alpha=8), optimizer=adamw(1e-2))
     data = SFTDataModule(tokenizer=model_dir, dataset=data_path, val_split=0, batch_size=1)
@@ -58,6 +60,12 @@ def main() -> None:
     trainer.fit(module, datamodule=data)
     record = {"runs": len(RUNS), "metrics": evaluation.latest}
     (out / f"{name}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main() -> None:
+    model_dir, data_path, task_folder, out = sys.argv[1:5]
+    for name in STRATEGIES:
+        run(name, model_dir, data_path, task_folder, Path(out))
 
 
 if __name__ == "__main__":

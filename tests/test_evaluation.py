@@ -8,6 +8,7 @@ the answer's characters, so that a random model still gets a score that depends 
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -175,14 +176,20 @@ def test_the_in_training_score_equals_lm_eval_on_the_exported_folder(tiny_model_
     assert CHOICE_METRICS | NUMBER_METRICS <= set(logged)
 
 
-def test_no_tasks_is_off_and_imports_nothing(tiny_model_dir, tmp_path):
-    """The CLI always registers the callback: without tasks it must cost nothing (lm-eval's import is slow)."""
-    code = (
-        "import sys; from smolfactory.callbacks.evaluation import TaskEvaluation; "
-        "callback = TaskEvaluation(); callback.setup(None, None, 'fit'); assert callback.evaluate(None, None) == {}; "
-        "import smolfactory.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+def test_without_tasks_the_callback_is_off_and_lm_eval_is_never_imported(monkeypatch):
+    """The CLI always registers the callback: without tasks it must cost nothing, and lm-eval (seconds to import)
+    is imported only inside the functions that run it, never when smolfactory is imported."""
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # any import of lm_eval now fails
+    callback = TaskEvaluation()
+    callback.setup(None, None, "fit")
+    assert callback.evaluate(None, None) == {}
+    top_level = [
+        f"{path.name}: {ast.unparse(node)}"
+        for path in (ROOT / "smolfactory").rglob("*.py")
+        for node in ast.parse(path.read_text()).body  # module level only: imports inside functions are lazy
+        if isinstance(node, ast.Import | ast.ImportFrom) and "lm_eval" in ast.unparse(node)
+    ]
+    assert top_level == []
 
 
 # --- the command --------------------------------------------------------------------------------------------------
@@ -313,20 +320,21 @@ def test_fit_with_an_unknown_task_stops_before_training(capfd, tiny_model_dir, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_score_once_or_in_lockstep_as_one_process(tiny_model_dir, task_folder, tmp_path, strategy):
-    """DDP: rank 0 scores, rank 1 waits; FSDP2: both ranks run every request (each forward needs both shards).
-    Either way both ranks get the same metrics, equal to lm-eval's on the model the run exported."""
+def test_two_processes_score_once_or_in_lockstep_as_lm_eval_does(tiny_model_dir, task_folder, tmp_path):
+    """DDP: rank 0 scores while rank 1 waits. FSDP2 and FSDP: both ranks run every request in lockstep (each
+    forward needs both shards). Either way both ranks get the same metrics, equal to lm-eval's on the exported
+    model. One launch runs the three strategies in turn (each launch of two processes costs seconds)."""
     from tests.conftest import RAGGED
 
     data = write_jsonl(tmp_path / "ragged.jsonl", RAGGED)
-    command = [sys.executable, "tests/distributed_evaluation.py", strategy, tiny_model_dir, data, task_folder, tmp_path]
+    command = [sys.executable, "tests/distributed_evaluation.py", tiny_model_dir, data, task_folder, tmp_path]
     subprocess.run(
-        [str(arg) for arg in command], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=300
+        [str(arg) for arg in command], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=400
     )
-    ranks = [json.loads((tmp_path / f"{strategy}-rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [rank["runs"] for rank in ranks] == ([1, 0] if strategy == "ddp" else [1, 1])
-    assert ranks[0]["metrics"] == ranks[1]["metrics"]
-    assert set(ranks[0]["metrics"]) == CHOICE_METRICS | NUMBER_METRICS
-    merged = merged_folder(tiny_model_dir, tmp_path / strategy / "final", tmp_path / "merged")
-    assert ranks[0]["metrics"] == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-5)
+    for strategy in ("ddp", "fsdp2", "fsdp"):
+        ranks = [json.loads((tmp_path / f"{strategy}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert [rank["runs"] for rank in ranks] == ([1, 0] if strategy == "ddp" else [1, 1]), strategy
+        assert ranks[0]["metrics"] == ranks[1]["metrics"], strategy
+        assert set(ranks[0]["metrics"]) == CHOICE_METRICS | NUMBER_METRICS, strategy
+        merged = merged_folder(tiny_model_dir, tmp_path / strategy / "final", tmp_path / f"{strategy}-merged")
+        assert ranks[0]["metrics"] == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-5), strategy
