@@ -135,6 +135,32 @@ def test_reward_results_scores_a_generation_with_a_reward_function():
         reward_results("smolfactory.rewards.no_such")
 
 
+def test_tasks_are_names_files_folders_or_built_in(task_folder):
+    """What --tasks and `evaluation.tasks` take, resolved without indexing lm-eval's registry (none is needed)."""
+    from smolfactory.evaluation import resolve_tasks
+
+    by_name = resolve_tasks(["tiny_choice,tiny_numbers"], [str(task_folder)])
+    assert by_name.specs == ["tiny_choice", "tiny_numbers"]
+    assert "arc_easy" not in by_name.manager.all_tasks  # only the local folder was indexed
+    assert sorted(resolve_tasks([str(task_folder)]).specs) == ["tiny_choice", "tiny_numbers"]
+    assert resolve_tasks([str(task_folder / "choice.yaml")]).specs == [str(task_folder / "choice.yaml")]
+    (builtin,) = resolve_tasks(["builtin:quickstart-grpo"]).specs
+    assert (
+        builtin["task"] == "smolfactory_quickstart_grpo"
+        and Path(builtin["dataset_kwargs"]["data_files"]["test"]).is_file()
+    )
+
+
+@pytest.mark.slow
+def test_the_built_in_task_runs_out_of_the_box(capfd, tiny_model_dir):
+    """builtin:quickstart-grpo: the GRPO quickstart's held-out questions, scored by its reward (on the tiny model:
+    a few questions, to see it run; README gives the built-in model's score)."""
+    run = smolfactory(capfd, "evaluate", "--model", tiny_model_dir, "--tasks", "builtin:quickstart-grpo", "--limit",
+                      2, "--apply_chat_template", "--device", "cpu")  # fmt: skip
+    assert run.code == 0, run.err
+    assert "|smolfactory_quickstart_grpo|" in run.out and "exact_answer" in run.out
+
+
 # --- the callback -------------------------------------------------------------------------------------------------
 
 
