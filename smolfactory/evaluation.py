@@ -231,10 +231,12 @@ def evaluate(
 def generators_kept() -> Iterator[None]:
     """Python's, NumPy's and torch's random generators as they were before the block (lm-eval reseeds them)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def task_metrics(results: dict[str, Any], prefix: str = "eval_") -> dict[str, float]:

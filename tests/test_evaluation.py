@@ -24,11 +24,11 @@ from lightning.pytorch.loggers import CSVLogger
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from smolfactory import SFTModule
+from smolfactory import LoraSettings, SFTModule
 from smolfactory.callbacks.evaluation import TaskEvaluation
 from smolfactory.errors import SmolFactoryError
 from smolfactory.evaluation import reward_results
-from tests.conftest import QUICKSTART, ROOT, smolfactory, stand_in_config, tiny_overrides, write_jsonl
+from tests.conftest import QUICKSTART, ROOT, fit, smolfactory, stand_in_config, tiny_overrides, write_jsonl
 
 CHOICES = [
     {"question": "What colour is the sky?", "choices": ["blue", "green", "loud"], "label": 0},
@@ -200,6 +200,18 @@ def test_the_in_training_score_equals_lm_eval_on_the_exported_folder(tiny_model_
     assert evaluation.latest == pytest.approx(lm_eval_scores(merged, task_folder), abs=1e-6)
     logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     assert CHOICE_METRICS | NUMBER_METRICS <= set(logged)
+
+
+@pytest.mark.slow
+def test_scoring_between_steps_leaves_training_as_it_was(tiny_model_dir, tiny_data, task_folder, tmp_path):
+    """lm-eval reseeds Python's, NumPy's and torch's generators: with LoRA dropout drawing from torch's, a fit that
+    scores a task after every step must still train exactly as one that does not."""
+    losses = []
+    for callbacks in ([], [TaskEvaluation(tasks=[str(task_folder / "choice.yaml")], limit=2, every_n_steps=1)]):
+        module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.3))
+        losses.append(fit(module, tiny_data, tmp_path, max_steps=3, callbacks=callbacks).losses)
+    assert callbacks[0].latest.keys() == {"eval_tiny_choice_acc", "eval_tiny_choice_acc_norm"}
+    assert losses[1] == losses[0]
 
 
 def test_without_tasks_the_callback_is_off_and_lm_eval_is_never_imported(monkeypatch):
