@@ -55,15 +55,21 @@ class TaskEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the tasks before training starts: an unknown one stops fit now, not at the first validation."""
-        if stage == "fit" and self.tasks and self.selection is None:
+        if stage == "fit":
+            self.check_tasks()
+
+    def check_tasks(self) -> None:
+        """Resolve the task names once (lm-eval's registry takes seconds to index)."""
+        if self.tasks and self.selection is None:
             from smolfactory.evaluation import resolve_tasks
 
             self.selection = resolve_tasks(self.tasks, self.include_path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
-            self._last_step = step  # accumulating micro-batches end at the same step: once per step
+        # Micro-batches of an accumulated step end at the same global_step (0 before the first step): once per step.
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self.evaluate(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -74,6 +80,7 @@ class TaskEvaluation(L.Callback):
         """Score the tasks now, log the metrics, and return them (on every rank)."""
         if not self.tasks:
             return {}
+        self.check_tasks()
         from smolfactory.evaluation import evaluate, results_table, task_metrics
 
         strategy = trainer.strategy
