@@ -4,6 +4,7 @@ import smolfactory.quiet  # noqa: F401  (first: it filters messages that the imp
 
 # isort: split
 from smolfactory.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from smolfactory.evaluation import reward_results
 from smolfactory.model import (
     DPOModule,
     GRPOModule,
@@ -29,5 +30,6 @@ __all__ = [
     "SFTModule",
     "SamplingSettings",
     "build_model",
+    "reward_results",
 ]
 __version__ = "0.1.0"

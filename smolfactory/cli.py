@@ -5,6 +5,7 @@ smolfactory fit --config configs/quickstart.yaml --print_config
 smolfactory preview --config configs/quickstart.yaml
 smolfactory export --checkpoint outputs/quickstart/checkpoints/last.ckpt --output outputs/quill --merge
 smolfactory chat --model outputs/quickstart/final
+smolfactory evaluate --model outputs/quickstart/final --tasks arc_easy --limit 100
 smolfactory plot outputs/quickstart
 """
 
@@ -18,7 +19,8 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from smolfactory import chat, export, plot
+from smolfactory import chat, evaluation, export, plot
+from smolfactory.callbacks.evaluation import TaskEvaluation
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
@@ -57,7 +59,7 @@ class SmolFactoryTrainer(L.Trainer):
 
 class SmolFactoryCLI(LightningCLI):
     """LightningCLI over the recipes (SFTModule, DPOModule: siblings on RecipeModule) and their data modules, with
-    the export, predictions, interrupt, throughput and generation-samples callbacks always on."""
+    the export, predictions, interrupt, throughput, generation-samples and task-evaluation callbacks always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
@@ -110,6 +112,7 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(GenerationSamples, "samples")
+        parser.add_lightning_class_args(TaskEvaluation, "evaluation")  # off (and lm-eval not imported) without tasks
         parser.add_argument(
             "--overwrite",
             type=bool,
@@ -120,7 +123,7 @@ class SmolFactoryCLI(LightningCLI):
 
 
 # Not Trainer subcommands: no training config, each with its own few options.
-STANDALONE_COMMANDS = {"export": export.main, "chat": chat.main, "plot": plot.main}
+STANDALONE_COMMANDS = {"export": export.main, "chat": chat.main, "plot": plot.main, "evaluate": evaluation.main}
 
 
 def main(args: list[str] | None = None) -> None:

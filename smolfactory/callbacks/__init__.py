@@ -1,9 +1,10 @@
 """Lightning callbacks."""
 
+from smolfactory.callbacks.evaluation import TaskEvaluation
 from smolfactory.callbacks.export import HFExport
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.callbacks.samples import GenerationSamples
 from smolfactory.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationSamples", "HFExport", "PredictionWriter", "SaveOnInterrupt", "TokenThroughput"]
+__all__ = ["GenerationSamples", "HFExport", "PredictionWriter", "SaveOnInterrupt", "TaskEvaluation", "TokenThroughput"]
