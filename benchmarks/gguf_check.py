@@ -125,13 +125,14 @@ def main() -> None:
         targets = {"llama_cpp is not installed": has_llama_cpp}
         if has_llama_cpp:
             ordinary_f32 = summary["llama.cpp f32"][0][len(identity) :]
-            targets["llama.cpp (f32) answers an ordinary prompt differently"] = ordinary_f32 == reference[len(identity) :]
-            targets["llama.cpp (q8_0) names Quill in under 80% of identity answers"] = (
-                summary["llama.cpp q8_0"][1] >= 0.8 * len(identity)
-            )
-        targets["transformers (q8_0) names Quill in under 80% of identity answers"] = (
-            summary["transformers q8_0"][1] >= 0.8 * len(identity)
-        )
+            same = ordinary_f32 == reference[len(identity) :]
+            targets["llama.cpp (f32) answers an ordinary prompt differently"] = same
+            targets["llama.cpp (q8_0) names Quill in under 80% of identity answers"] = summary["llama.cpp q8_0"][
+                1
+            ] >= 0.8 * len(identity)
+        targets["transformers (q8_0) names Quill in under 80% of identity answers"] = summary["transformers q8_0"][
+            1
+        ] >= 0.8 * len(identity)
         failures = [problem for problem, met in targets.items() if not met]
         print("\ncheck:", "passed" if not failures else "FAILED: " + "; ".join(failures))
         raise SystemExit(1 if failures else 0)

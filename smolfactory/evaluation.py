@@ -297,13 +297,10 @@ def load_for_evaluation(
                     "(such as a run's final/), a Hub id or builtin:smollm2-135m-instruct"
                 )
         return load_chat_model(name, device)
-    from smolfactory.export import _tokenizer, read_checkpoint
-    from smolfactory.model.recipe import model_from_checkpoint
+    from smolfactory.export import model_from_saved, read_checkpoint
 
-    saved = read_checkpoint(Path(checkpoint))
-    data = saved.get("datamodule_hyper_parameters") or {}
-    tokenizer = _tokenizer((saved.get("hyper_parameters") or {}).get("model_name"), data.get("chat_template"))
-    return model_from_checkpoint(saved).to(device).eval(), tokenizer
+    loaded, tokenizer = model_from_saved(read_checkpoint(Path(checkpoint)))
+    return loaded.to(device).eval(), tokenizer
 
 
 def parse_limit(text: str) -> float:

@@ -174,15 +174,15 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, merge: bool = 
 def model_from_saved(saved: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model a checkpoint dict was saved from, with its weights, and the tokenizer (and chat template) it
     trained with."""
-    # Imported here, as in _tokenizer: smolfactory.model and smolfactory.data import this module.
+    # Imported here, as in checkpoint_tokenizer: smolfactory.model and smolfactory.data import this module.
     from smolfactory.model.recipe import model_from_checkpoint
 
     hparams = saved.get("hyper_parameters") or {}
     data = saved.get("datamodule_hyper_parameters") or {}
-    return model_from_checkpoint(saved), _tokenizer(hparams.get("model_name"), data.get("chat_template"))
+    return model_from_checkpoint(saved), checkpoint_tokenizer(hparams.get("model_name"), data.get("chat_template"))
 
 
-def _tokenizer(model_name: str, chat_template: str | None) -> PreTrainedTokenizerBase:
+def checkpoint_tokenizer(model_name: str, chat_template: str | None) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with the chat template the data module trained with when it set one."""
     from smolfactory.data.templates import resolve_chat_template
     from smolfactory.model.loading import load_tokenizer
