@@ -6,11 +6,11 @@
 2. Answers the quickstart's held-out prompts greedily with `smolfactory chat` (transformers, fp32): the reference.
 3. Answers them again with llama.cpp (llama-cpp-python) from each GGUF, through the chat template and end-of-turn
    token stored in the file, and with transformers loading the q8_0 file (``gguf_file=``).
-4. Prints every answer side by side, then per client: answers equal to the reference, identity answers naming
-   Quill, and answers that ran to the token limit (a missing stop token shows as rambling).
+4. Prints every answer side by side, then per client: answers equal to the reference, and identity and ordinary
+   answers naming Quill.
 
 --install builds llama-cpp-python from PyPI into this venv first (pip caches the wheel, so only the first build
-is slow: about 10 minutes on 2 cores). Without it, and without llama_cpp installed, the llama.cpp columns are
+is slow: about 25 minutes on 2 cores). Without it, and without llama_cpp installed, the llama.cpp columns are
 skipped with a note. --check exits 1 unless llama.cpp from the f32 file gives the reference's answers to the five
 ordinary prompts and the q8_0 file still names Quill in at least 80% of identity answers in both clients.
 """

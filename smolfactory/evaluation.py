@@ -232,7 +232,9 @@ def generators_kept() -> Iterator[None]:
     """Python's, NumPy's and torch's random generators as they were before the block (lm-eval reseeds them)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng():
+        # Only the current GPU's generator: forking every visible one warns on multi-GPU machines.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(python_state)
@@ -312,7 +314,10 @@ def parse_limit(text: str) -> float:
 
 
 def main(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="smolfactory evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="smolfactory evaluate",
+        description="Score a model folder, an adapter folder or a checkpoint's model on lm-evaluation-harness tasks.",
+    )
     parser.add_argument("--model", help="model folder, adapter folder, Hub id or builtin:... (default: the built-in)")
     parser.add_argument("--checkpoint", help="a .ckpt file or sharded folder: score the model it was saved from")
     parser.add_argument(
@@ -322,13 +327,21 @@ def main(args: list[str]) -> None:
     parser.add_argument("--include_path", nargs="*", default=[], help="folders of task YAML files to add to lm-eval's")
     parser.add_argument("--limit", type=parse_limit, help="documents per task: a count (100) or a fraction (0.1)")
     parser.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8, help="requests per forward pass")
     parser.add_argument("--apply_chat_template", action="store_true", help="render prompts with the chat template")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (a model or adapter folder loads in bfloat16 there, as chat loads it) or cpu (float32)",
+    )
     parser.add_argument("--output", help="write lm-eval's results as JSON to this file")
     options = parser.parse_args(args)
     if options.model and options.checkpoint:
         raise SmolFactoryError("give --model or --checkpoint, not both (a checkpoint names its own model)")
+    if options.output:
+        from smolfactory.export import writable_file
+
+        writable_file(options.output, "--output")  # before the evaluation, not after it
     tasks = resolve_tasks(options.tasks, options.include_path)  # an unknown task stops here, before loading
     model, tokenizer = load_for_evaluation(options.model, options.checkpoint, options.device)
     results = evaluate(
@@ -342,4 +355,6 @@ def main(args: list[str]) -> None:
     )
     print(results_table(results))
     if options.output:
+        if Path(options.output).exists():
+            print(f"Replacing {options.output}", file=sys.stderr)
         print(f"Wrote {write_results(results, options.output)}", file=sys.stderr)

@@ -55,6 +55,20 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         staging.unlink(missing_ok=True)
 
 
+def writable_file(path: str | Path, option: str) -> Path:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be made or written to."""
+    path = Path(path)
+    if path.is_dir():
+        raise SmolFactoryError(f"{option} {path} is a folder; give the file to write, such as {path / 'out'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SmolFactoryError(f"{option} {path}: its folder cannot be made ({first_line(error)})") from error
+    if not os.access(path.parent, os.W_OK):
+        raise SmolFactoryError(f"{option} {path}: its folder {path.parent} is not writable")
+    return path
+
+
 def save_pretrained_folder(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -376,6 +390,7 @@ def export_gguf_command(options: argparse.Namespace) -> None:
         )
     if options.push_to_hub:
         raise SmolFactoryError("--push_to_hub uploads folders; upload a .gguf file with `hf upload REPO FILE`")
+    writable_file(output, "--output")
     # --merge is implied: a GGUF holds one plain model, so LoRA adapters are always merged.
     model, tokenizer = gguf_source(options.checkpoint, options.model)
     if output.exists():
@@ -383,6 +398,8 @@ def export_gguf_command(options: argparse.Namespace) -> None:
     path = write_gguf(model, tokenizer, output, options.gguf)
     print(f"Wrote {path} ({options.gguf}, {path.stat().st_size / 2**20:.1f} MiB; run it with llama.cpp or Ollama)")
     if options.modelfile:
+        if path.with_suffix(".Modelfile").exists():
+            print(f"Replacing {path.with_suffix('.Modelfile')}")
         modelfile, template = write_modelfile(path, model, tokenizer)
         if template is None:
             print(
@@ -407,6 +424,8 @@ def gguf_source(checkpoint: str | None, model_name: str | None) -> tuple[PreTrai
         from smolfactory.chat import load_chat_model
 
         model, tokenizer = load_chat_model(model_name, "cpu")
+    # In float32 before merging: a bf16 merge would round small LoRA updates away.
+    model = model.float()
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    return model.float().eval(), tokenizer
+    return model.eval(), tokenizer

@@ -147,7 +147,7 @@ def gguf_architecture(model: PreTrainedModel) -> Architecture:
 
 def add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, architecture: Architecture) -> None:
     """The shape and rotary settings llama.cpp needs, under the keys its converter writes."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = attention_head_size(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -162,6 +162,11 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, archi
     if head_dim != config.hidden_size // config.num_attention_heads:  # llama.cpp derives it otherwise
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def attention_head_size(config: PretrainedConfig) -> int:
+    """The size of one attention head: set in the config (Qwen3, some Llamas) or hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:
@@ -180,7 +185,7 @@ def rope_parameters(config: PretrainedConfig) -> dict:
 def llama3_rope_factors(config: PretrainedConfig) -> np.ndarray:
     """Llama 3.1+'s long-context scaling as the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``."""
     rope = rope_parameters(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = attention_head_size(config)
     frequencies = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_context = rope.get("original_max_position_embeddings", 8192)
@@ -275,11 +280,18 @@ def gguf_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Vocab:
             continue
         tokens.append(by_id[index])
         if index in added:
-            token_types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+            control = added[index].special or looks_like_control(by_id[index])
+            token_types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         else:
             token_types.append(gguf.TokenType.NORMAL)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
     return Vocab(tokens, token_types, merges, pre_tokenizer_name(tokenizer))
+
+
+def looks_like_control(token: str) -> bool:
+    """An added token that some tokenizers leave unmarked but that is a control token (Qwen2.5's ``<|fim_prefix|>``,
+    ``<|file_sep|>``): llama.cpp's converter makes such ``<|...|>`` tokens CONTROL too, and so do we."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
 
 
 def pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -331,6 +343,11 @@ def stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> S
     return StopTokens(end_of_turn, ids)
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """What the tokenizer does, not what a flag says: does encoding plain text put a BOS in front?"""
+    return tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, vocab: Vocab, stops: StopTokens) -> None:
     """The tokenizer keys llama.cpp reads, with the chat template and the end-of-turn id."""
     writer.add_tokenizer_model("gpt2")
@@ -346,9 +363,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, v
         writer.add_unk_token_id(tokenizer.unk_token_id)
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
-    # What the tokenizer does, not what a flag says: does encoding plain text put a BOS in front?
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
-    writer.add_add_bos_token(adds_bos)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     writer.add_add_space_prefix(bool(getattr(tokenizer, "add_prefix_space", False)))
     writer.add_chat_template(tokenizer.chat_template)
 
@@ -408,8 +423,7 @@ def ollama_template(tokenizer: PreTrainedTokenizerBase) -> OllamaTemplate | None
     def jinja(messages: list[dict]) -> str:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         bos = tokenizer.bos_token
-        adds_bos = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
-        return text[len(bos) :] if adds_bos and bos and text.startswith(bos) else text
+        return text[len(bos) :] if adds_bos(tokenizer) and bos and text.startswith(bos) else text
 
     for chat_format in CHAT_FORMATS:
         default_system = implied_system_prompt(chat_format, jinja([CONVERSATION[0]]))
@@ -431,19 +445,20 @@ def implied_system_prompt(chat_format: ChatFormat, rendered: str) -> str | None:
 def write_modelfile(
     gguf_path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Path, OllamaTemplate | None]:
-    """Write an Ollama ``Modelfile`` beside ``gguf_path`` (atomically): FROM the file, a TEMPLATE in Ollama's Go
+    """Write an Ollama Modelfile, ``<name>.Modelfile``, beside ``gguf_path`` (atomically; one per GGUF file, so two
+    exports into one folder keep theirs): FROM the file, a TEMPLATE in Ollama's Go
     syntax when the chat format is one we recognise (with the default SYSTEM prompt the model's template implies),
     and every stop token as PARAMETER stop. Returns its path and the template (None: TEMPLATE left out)."""
     gguf_path = Path(gguf_path)
     stops = stop_tokens(model, tokenizer)
     template = ollama_template(tokenizer)
-    lines = [f"# ollama create NAME -f {gguf_path.parent / 'Modelfile'}", f"FROM ./{gguf_path.name}"]
+    path = gguf_path.with_suffix(".Modelfile")
+    lines = [f"# ollama create {gguf_path.stem} -f {path}", f"FROM ./{gguf_path.name}"]
     if template is not None:
         lines.append(f'TEMPLATE """{template.format.go_template}"""')
         if template.default_system:
             lines.append(f'SYSTEM """{template.default_system}"""')
     lines += [f"PARAMETER stop {json.dumps(tokenizer.convert_ids_to_tokens(index))}" for index in stops.ids]
-    path = gguf_path.parent / "Modelfile"
     with atomic_file(path) as staging:
         staging.write_text("\n".join(lines) + "\n")
     return path, template

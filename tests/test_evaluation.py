@@ -322,6 +322,7 @@ ERRORS = {
         "give --model or --checkpoint, not both",
     ),
     "no lm-eval": (["--tasks", "tiny_choice"], "task evaluation needs lm-evaluation-harness"),
+    "output is a folder": (["--tasks", "tiny_choice", "--output", "{tasks}"], "--output {tasks} is a folder"),
 }
 
 

@@ -9,13 +9,14 @@ those tests name it: `small_vocab`); the tokenizer tests use SmolLM2's own.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFReader, GGUFValueType, TokenType
 from gguf.quants import dequantize
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -264,6 +265,20 @@ def test_the_file_carries_the_chat_template_and_end_of_turn_token(small_tokenize
     assert values["tokenizer.ggml.eos_token_id"] == small_tokenizer.eos_token_id
 
 
+def test_added_tokens_are_typed_as_llama_cpps_converter_types_them(small_tokenizer, small_vocab):
+    # Qwen2.5 leaves <|fim_prefix|> and <|file_sep|> unmarked as special; llama.cpp's converter still makes them
+    # CONTROL (tokens spelled <|...|>), or llama.cpp would print them as text. A plain added word stays USER_DEFINED.
+    tokenizer = copy.deepcopy(small_tokenizer)
+    tokenizer.add_tokens(["<|fim_prefix|>", "quillword"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[special]"]})
+    vocab = gguf_export.gguf_vocab(tokenizer, len(tokenizer) + 2)
+    types = dict(zip(vocab.tokens, vocab.token_types, strict=True))
+    assert types["<|fim_prefix|>"] == types["[special]"] == types["<|im_end|>"] == TokenType.CONTROL
+    assert types["quillword"] == TokenType.USER_DEFINED and types["Ġ"] == TokenType.NORMAL
+    assert vocab.tokens[-2:] == [f"[PAD{len(tokenizer)}]", f"[PAD{len(tokenizer) + 1}]"]
+    assert vocab.token_types[-1] == TokenType.UNUSED
+
+
 def test_a_tokenizer_without_template_or_end_of_turn_is_refused(small_tokenizer, small_vocab, tmp_path):
     model = small_llama(len(small_tokenizer))
     bare = small_tokenizer.__class__(tokenizer_object=small_tokenizer.backend_tokenizer, eos_token="<|im_end|>")
@@ -330,7 +345,7 @@ def test_modelfile_for_an_unknown_chat_format_leaves_template_out_and_says_so(
     )
     assert run.code == 0, run.err
     assert "without TEMPLATE: the chat template is not one we can write in Ollama's syntax" in run.out
-    text = (tmp_path / "Modelfile").read_text()
+    text = (tmp_path / "z.Modelfile").read_text()
     assert "TEMPLATE" not in text and 'PARAMETER stop "<|endoftext|>"' in text
 
 
@@ -348,12 +363,30 @@ def test_checkpoint_to_q8_0_with_modelfile_through_the_command(tiny_model_dir, t
     run = smolfactory(capfd, *args, "--modelfile")
     assert run.code == 0, run.err
     assert f"Wrote {output} (q8_0" in run.out and "ChatML template" in run.out
-    modelfile = (output.parent / "Modelfile").read_text()
+    modelfile = output.with_suffix(".Modelfile").read_text()
     assert "FROM ./quill.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
-    run = smolfactory(capfd, *args)  # again: the file is replaced, and says so
-    assert run.code == 0 and f"Replacing {output}" in run.out
-    assert sorted(p.name for p in output.parent.iterdir()) == ["Modelfile", "quill.gguf"]  # no staging left
+    run = smolfactory(capfd, *args, "--modelfile")  # again: the files are replaced, and it says so
+    assert (
+        run.code == 0
+        and f"Replacing {output}\n" in run.out
+        and f"Replacing {output.with_suffix('.Modelfile')}" in run.out
+    )
+    # A second export into the folder keeps its own Modelfile beside its own file.
+    f16 = [
+        "export",
+        "--checkpoint",
+        tmp_path / "checkpoints" / "last.ckpt",
+        "--gguf",
+        "f16",
+        "--output",
+        output.with_name("quill-f16.gguf"),
+    ]
+    assert smolfactory(capfd, *f16, "--modelfile").code == 0
+    assert "FROM ./quill-f16.gguf" in output.with_name("quill-f16.Modelfile").read_text()
+    assert "FROM ./quill.gguf" in output.with_suffix(".Modelfile").read_text()
+    names = ["quill-f16.Modelfile", "quill-f16.gguf", "quill.Modelfile", "quill.gguf"]
+    assert sorted(p.name for p in output.parent.iterdir()) == names  # no staging file left
 
 
 @pytest.mark.parametrize(
@@ -364,8 +397,9 @@ def test_checkpoint_to_q8_0_with_modelfile_through_the_command(tiny_model_dir, t
         (["--output", "x.gguf", "--modelfile"], "--modelfile goes with --gguf TYPE"),
         (["--output", "folder"], "--model goes with --gguf TYPE"),
         (["--gguf", "f16", "--output", "x.gguf", "--push_to_hub", "o/n"], "--push_to_hub uploads folders"),
+        (["--gguf", "f16", "--output", "/proc/none/x.gguf"], "--output /proc/none/x.gguf: its folder cannot be made"),
     ],
-    ids=["type", "suffix", "modelfile", "model-without-gguf", "hub"],
+    ids=["type", "suffix", "modelfile", "model-without-gguf", "hub", "unwritable"],
 )
 def test_refusals_are_one_line_with_status_2(tiny_model_dir, tmp_path, capfd, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -65,10 +65,14 @@ class TaskEvaluation(L.Callback):
 
             self.selection = resolve_tasks(self.tasks, self.include_path)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run starts at a step already scored before the stop: not again, mid-way through an accumulation.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # Micro-batches of an accumulated step end at the same global_step (0 before the first step): once per step.
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
             self.evaluate(trainer, pl_module)
 
