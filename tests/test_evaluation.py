@@ -265,9 +265,10 @@ def test_evaluate_scores_a_folder_and_an_adapter_as_lm_eval_does(capfd, tiny_mod
     assert task_metrics(written) == pytest.approx(lm_eval_scores(tiny_model_dir, task_folder), abs=1e-6)
     assert not list(tmp_path.glob(".*"))  # written atomically: no staging file left
 
-    adapter = smolfactory(
-        capfd, *evaluate_args(task_folder, "--model", perturbed_adapter, "--output", tmp_path / "b.json")
-    )
+    # The tasks given as the paths of their YAML files this time (numbers.yaml's !function found beside it).
+    files = [task_folder / "choice.yaml", task_folder / "numbers.yaml"]
+    args = ["evaluate", "--tasks", *files, "--batch_size", 4, "--device", "cpu", "--model", perturbed_adapter]
+    adapter = smolfactory(capfd, *args, "--output", tmp_path / "b.json")
     assert adapter.code == 0, adapter.err
     scores = task_metrics(json.loads((tmp_path / "b.json").read_text()))
     merged = merged_folder(tiny_model_dir, Path(perturbed_adapter), tmp_path / "merged")
