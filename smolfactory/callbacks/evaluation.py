@@ -12,8 +12,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
+from smolfactory.callbacks.export import trained_tokenizer
 from smolfactory.model.build import causal_lm_of
-from smolfactory.model.loading import load_tokenizer
 
 
 class TaskEvaluation(L.Callback):
@@ -91,7 +91,7 @@ class TaskEvaluation(L.Callback):
         sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
         results = None
         if sharded or strategy.is_global_zero:
-            tokenizer = getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
+            tokenizer = trained_tokenizer(trainer, pl_module)
             with scoring(pl_module.model, strategy), trainer.precision_plugin.forward_context():
                 results = evaluate(
                     pl_module.model,

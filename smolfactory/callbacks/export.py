@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from smolfactory.export import gguf_source, push_folder, require_token, save_trained_model
 from smolfactory.gguf_export import check_exportable, check_file_type, write_gguf
@@ -43,7 +44,7 @@ class HFExport(L.Callback):
         if self.gguf is not None:  # the model is built by now; a refusal comes before any training
             model = pl_module.model
             model = model.get_base_model() if isinstance(model, PeftModel) else model
-            check_exportable(model, self._tokenizer(trainer, pl_module))
+            check_exportable(model, trained_tokenizer(trainer, pl_module))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = Path(trainer.default_root_dir) / self.dirname
@@ -56,7 +57,7 @@ class HFExport(L.Callback):
             return
         tokenizer = None
         if trainer.is_global_zero:  # the one rank that writes (the others only help gather sharded weights)
-            tokenizer = self._tokenizer(trainer, pl_module)
+            tokenizer = trained_tokenizer(trainer, pl_module)
         path = save_trained_model(trainer.strategy, pl_module.model, tokenizer, folder)
         if path is None:  # not rank 0
             return
@@ -70,7 +71,7 @@ class HFExport(L.Callback):
             url = push_folder(path, self.push_to_hub, "export.push_to_hub")
             rank_zero_info(f"Uploaded {path} to {url}")
 
-    @staticmethod
-    def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule):
-        """The tokenizer the data module trained with, or the model's own."""
-        return getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
+
+def trained_tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> PreTrainedTokenizerBase:
+    """The tokenizer the data module trained with (its chat template included), or the model's own."""
+    return getattr(trainer.datamodule, "tokenizer", None) or load_tokenizer(pl_module.hparams.model_name)
