@@ -369,21 +369,25 @@ def recipe_run(context: Context, label: str, recipe: str, extra: list[str], limi
            "note": outcome.note}  # fmt: skip
     if outcome.status == "ok":
         row.update(json.loads(result.read_text()))
+        row["method"] += f" ({row['trainable_parameters'] / 1e6:,.1f}M trained)"
+    if context.dry_run and "fsdp" in recipe:
+        row["note"] = "; ".join(
+            filter(None, [row["note"], "dry run without FSDP (Lightning's FSDPStrategy needs CUDA)"])
+        )
     context.rows.append(row)
     return row
 
 
 def recipe_command(context: Context, recipe: str, folder: str, result: Path, extra: list[str]) -> list[str]:
     """`smolfactory fit` on configs/cuda.yaml and the recipe, with only the overrides the measurement needs."""
-    warmup = 1 if context.dry_run else WARMUP_STEPS
-    steps = warmup + (2 if context.dry_run else MEASURED_STEPS)
+    warmup, measured = steps_of(context.dry_run)
     callback = {
         "class_path": "gpu_steady.SteadyThroughput",
         "init_args": {"output": str(result), "warmup_steps": warmup},
     }
     command = [sys.executable, "-m", "smolfactory.cli", "fit", "--config", "configs/cuda.yaml",
                "--config", f"configs/models/{recipe}.yaml", "--model.model_name", folder,
-               "--data.dataset", context.data, "--trainer.max_steps", str(steps),
+               "--data.dataset", context.data, "--trainer.max_steps", str(warmup + measured),
                "--trainer.default_root_dir", str(context.work / "runs" / result.stem),
                f"--trainer.callbacks+={json.dumps(callback)}", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     if "fsdp" in recipe:  # the recipe asks for 8 GPUs; one GPU is what there is
@@ -394,6 +398,11 @@ def recipe_command(context: Context, recipe: str, folder: str, result: Path, ext
         command += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                     "--data.max_length", "256", "--data.batch_size", "2"]  # fmt: skip
     return command + extra
+
+
+def steps_of(dry_run: bool) -> tuple[int, int]:
+    """Warm-up and measured optimizer steps of a recipe run."""
+    return (1, 2) if dry_run else (WARMUP_STEPS, MEASURED_STEPS)
 
 
 def method(recipe: str, extra: list[str]) -> str:
@@ -432,7 +441,7 @@ def variants_piece(context: Context) -> None:
     for name, extra, package in variants:
         label = f"{VARIANT_RECIPE} + {name}"
         if package is not None and (context.dry_run or reasons[package]):
-            note = "needs CUDA, skipped" if context.dry_run else f"not installed, unmeasured ({reasons[package]})"
+            note = "needs CUDA" if context.dry_run else f"unavailable, unmeasured ({reasons[package]})"
             context.rows.append({"run": label, "method": method(VARIANT_RECIPE, extra), "model": VARIANT_MODEL,
                                  "status": "skipped", "note": note})  # fmt: skip
             continue
@@ -473,36 +482,46 @@ def attention_note(measured: dict, summary: dict) -> str:
             f"(sdpa bf16: {scale['loss']:.1e}, {scale['gradient']:.1e})")  # fmt: skip
 
 
+# throughput.py's runs: smolfactory packed against TRL's defaults and its best configuration (the README's CPU table)
+TRL_RUNS = {
+    "smolfactory-packed": "smolfactory, packed rows",
+    "trl-default": "TRL defaults: padded, gradient checkpointing",
+    "trl-best": "TRL packing + padding-free",
+}
+
+
 def trl_piece(context: Context) -> None:
-    """throughput.py's packed smolfactory run against TRL's defaults and best configuration, 360M shape."""
-    if context.setup["environment"]["available"]["trl"]:
-        note = f"not installed, unmeasured ({context.setup['environment']['available']['trl']})"
-        context.rows.append({"run": "TRL side by side", "status": "skipped", "note": note})
+    """throughput.py on the 360M shape, one run per process; smolfactory's speed over each TRL run."""
+    reason = context.setup["environment"]["available"]["trl"]
+    if reason:
+        context.rows.append({"run": "TRL side by side", "status": "skipped", "note": f"unmeasured ({reason})"})
         return
-    shape = (["--examples", "16", "--max-length", "256", "--batch-size", "2", "--max-steps", "2"] if context.dry_run
-             else ["--examples", "560", "--max-length", "1024", "--batch-size", "8", "--max-steps", "10"])  # fmt: skip
-    results = {}
-    for run in ("smolfactory-packed", "trl-default", "trl-best"):
-        command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", context.folder(VARIANT_MODEL),
-                   "--dataset", context.data, "--device", context.device, *shape,
-                   "--run", run]  # fmt: skip
-        outcome = run_child(context, f"throughput-{run}", command, 100)
-        lines = [line for line in outcome.output.splitlines() if line.startswith("RESULT ")]
-        status = outcome.status if lines or outcome.status != "ok" else "failed"
-        row = {"run": f"throughput.py {run}", "method": "LoRA r=16, max_length 1024, batch 8" if not context.dry_run
-               else "LoRA r=16", "model": VARIANT_MODEL, "status": status, "note": outcome.note}  # fmt: skip
-        if lines:
-            results[run] = json.loads(lines[-1][len("RESULT ") :])
-            speed = results[run]["tokens"] / results[run]["train_seconds"]
-            row.update(tokens_per_sec=speed, mfu=results[run]["mfu"], peak_allocated_gib=None,
-                       peak_above_model_gib=results[run]["peak_mb"] / 1024)  # fmt: skip
-        context.rows.append(row)
-    ours = next((row for row in context.rows if row["run"] == "throughput.py smolfactory-packed"), None)
-    for row in context.rows:
-        trl = row["run"].removeprefix("throughput.py ")
-        if trl in CPU_RATIOS and ours and ours.get("tokens_per_sec") and row.get("tokens_per_sec"):
-            row["speedup"] = ours["tokens_per_sec"] / row["tokens_per_sec"]
-            row["ratio"] = f"smolfactory {row['speedup']:.2f}x this (CPU: {CPU_RATIOS[trl]}x)"
+    shape = {"examples": 560, "max-length": 1024, "batch-size": 8, "max-steps": 10}
+    if context.dry_run:
+        shape = {"examples": 16, "max-length": 256, "batch-size": 2, "max-steps": 2}
+    rows = {run: throughput_run(context, run, shape) for run in TRL_RUNS}
+    ours = rows["smolfactory-packed"].get("tokens_per_sec")
+    for run, row in rows.items():
+        if run in CPU_RATIOS and ours and row.get("tokens_per_sec"):
+            row["speedup"] = ours / row["tokens_per_sec"]
+            row["ratio"] = f"smolfactory {row['speedup']:.2f}x this (CPU: {CPU_RATIOS[run]}x)"
+    context.rows.extend(rows.values())
+
+
+def throughput_run(context: Context, run: str, shape: dict[str, int]) -> dict:
+    options = [item for key, value in shape.items() for item in (f"--{key}", str(value))]
+    command = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", context.folder(VARIANT_MODEL),
+               "--dataset", context.data, "--device", context.device, *options, "--run", run]  # fmt: skip
+    outcome = run_child(context, f"throughput-{run}", command, 100)
+    lines = [line for line in outcome.output.splitlines() if line.startswith("RESULT ")]
+    method = f"{TRL_RUNS[run]}; LoRA r=16, {shape['batch-size']} x {shape['max-length']}"
+    row = {"run": f"throughput.py {run}", "method": method, "model": VARIANT_MODEL,
+           "status": outcome.status if lines else "failed", "note": outcome.note}  # fmt: skip
+    if lines:
+        result = json.loads(lines[-1][len("RESULT ") :])
+        row.update(tokens_per_sec=result["tokens"] / result["train_seconds"], mfu=result["mfu"],
+                   peak_above_model_gib=result["peak_mb"] / 1024)  # fmt: skip
+    return row
 
 
 def first_recipes(context: Context) -> None:
@@ -538,7 +557,19 @@ def table(report: dict) -> str:
     ]
     for row in report["rows"]:
         lines.append(table_row(row))
-    lines += ["", *goals(report["rows"])]
+    peak = next((row["peak_flops"] for row in report["rows"] if row.get("peak_flops")), None)
+    warmup, measured_steps = steps_of(report["dry_run"])
+    measured = f"{peak / 1e12:,.1f} TFLOP/s here" if peak else "not measured"
+    lines += [
+        "",
+        f"tokens/s: real (non-padding) tokens of {measured_steps} optimizer steps after {warmup} of warm-up "
+        "(packed batch rows: forward and backward passes of one batch; throughput.py rows: its whole training loop). "
+        f"MFU: the matrix multiplies a step needs over the bf16 matmul peak smolfactory measures when fit starts "
+        f"({measured}). peak GiB: torch.cuda.max_memory_allocated of the run; +x: what throughput.py's training "
+        "loop added to the loaded model.",
+        "",
+        *goals(report["rows"]),
+    ]
     return "\n".join(lines)
 
 

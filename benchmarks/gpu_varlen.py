@@ -44,7 +44,7 @@ def unavailable(path: str, device: str) -> str | None:
     if path == "torch_varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (2.10 and later), unmeasured"
     if path != "sdpa" and device != "cuda":
-        return "needs CUDA, skipped"
+        return "needs CUDA"
     return None
 
 
