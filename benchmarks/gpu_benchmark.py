@@ -369,7 +369,7 @@ def recipe_run(context: Context, label: str, recipe: str, extra: list[str], limi
            "note": outcome.note}  # fmt: skip
     if outcome.status == "ok":
         row.update(json.loads(result.read_text()))
-        row["method"] += f" ({row['trainable_parameters'] / 1e6:,.1f}M trained)"
+        row["method"] += f" ({count(row['trainable_parameters'])} trained)"
     if context.dry_run and "fsdp" in recipe:
         row["note"] = "; ".join(
             filter(None, [row["note"], "dry run without FSDP (Lightning's FSDPStrategy needs CUDA)"])
@@ -576,7 +576,7 @@ def table(report: dict) -> str:
 def table_row(row: dict) -> str:
     model = row.get("model", "").split("/")[-1]
     if row.get("parameters"):
-        model += f" ({row['parameters'] / 1e6:,.1f}M)"
+        model += f" ({count(row['parameters'])})"
     speed = f"{row['tokens_per_sec']:,.0f}" if row.get("tokens_per_sec") else "-"
     mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
     peak = "-"
@@ -587,6 +587,14 @@ def table_row(row: dict) -> str:
     ratio = row.get("ratio", "")
     status = row["status"] + (f": {row['note']}" if row.get("note") else "")
     return f"| {row['run']} | {row.get('method', '')} | {model} | {speed} | {mfu} | {peak} | {ratio} | {status} |"
+
+
+def count(parameters: int) -> str:
+    """134.5M, 3.08B, 32.8K."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= size:
+            return f"{parameters / size:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(parameters)
 
 
 def goals(rows: list[dict]) -> list[str]:
