@@ -260,7 +260,12 @@ def run_all(args: argparse.Namespace) -> None:
     context = Context(args.dry_run, work, started + args.budget, out / "gpu_benchmark.log", child_environment(work))
     print(f"work folder {work}; log {context.log}", flush=True)
     for piece in PIECES:
-        piece(context)
+        try:
+            piece(context)
+        except Exception as error:  # a bug in one piece's bookkeeping leaves the others their turn
+            if piece is setup_piece:
+                raise
+            context.rows.append({"run": piece.__name__, "status": "failed", "note": f"{type(error).__name__}: {error}"})
     report = {"date": datetime.date.today().isoformat(), "dry_run": args.dry_run, "seconds": time.time() - started,
               "environment": context.setup.get("environment"), "rows": context.rows}  # fmt: skip
     (out / "gpu_benchmark.json").write_text(json.dumps(report, indent=1))
@@ -348,8 +353,8 @@ def error_line(text: str) -> str:
 def setup_piece(context: Context) -> None:
     command = [sys.executable, str(BENCHMARKS / "gpu_benchmark.py"), "setup", "--work", str(context.work)]
     outcome = run_child(context, "setup", [*command, *(["--dry-run"] if context.dry_run else [])], 240)
-    if outcome.status != "ok":
-        sys.exit(f"setup failed: {outcome.note}\n{outcome.output[-3000:]}")
+    if outcome.status != "ok":  # without models nothing can run
+        sys.exit(f"setup {outcome.status}: {outcome.note}\n{outcome.output[-3000:]}")
     context.setup = json.loads((context.work / "setup.json").read_text())
     environment = context.setup["environment"]
     print(f"device: {environment['device']}; versions: {environment['versions']}", flush=True)

@@ -65,8 +65,10 @@ class SteadyThroughput(L.Callback):
             "peak_reserved_gib": peak_memory(pl_module.device, "max_memory_reserved"),
             "loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
         }
-        if trainer.is_global_zero:
-            self.output.write_text(json.dumps(result))
+        if trainer.is_global_zero:  # whole or not at all: the benchmark stops this run once the file is there
+            partial = self.output.with_suffix(".partial")
+            partial.write_text(json.dumps(result))
+            partial.replace(self.output)
 
 
 def synchronize(device: torch.device) -> None:
