@@ -520,8 +520,9 @@ def throughput_run(context: Context, run: str, shape: dict[str, int]) -> dict:
     outcome = run_child(context, f"throughput-{run}", command, 100)
     lines = [line for line in outcome.output.splitlines() if line.startswith("RESULT ")]
     method = f"{TRL_RUNS[run]}; LoRA r=16, {shape['batch-size']} x {shape['max-length']}"
-    row = {"run": f"throughput.py {run}", "method": method, "model": VARIANT_MODEL,
-           "status": outcome.status if lines else "failed", "note": outcome.note}  # fmt: skip
+    status = "failed" if outcome.status == "ok" and not lines else outcome.status
+    row = {"run": f"throughput.py {run}", "method": method, "model": VARIANT_MODEL, "status": status,
+           "note": outcome.note}  # fmt: skip
     if lines:
         result = json.loads(lines[-1][len("RESULT ") :])
         row.update(tokens_per_sec=result["tokens"] / result["train_seconds"], mfu=result["mfu"],
