@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from smolfactory.model.precision import hardware_precision
+
 RUNS = ["smolfactory", "smolfactory-packed", "trl-default", "trl-best"]
 MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt"]
 LEARNING_RATE = 2e-4
@@ -221,13 +223,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default=None, help="32-true (default on CPU) or bf16-mixed (default on CUDA)")
+    parser.add_argument("--precision", default=None, help="32-true or bf16-mixed; default: what smolfactory picks here")
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS + MORE_RUNS)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--memory", action="store_true", help="CPU: resident set that follows live tensors (slower)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
-    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
+    args.precision = args.precision or hardware_precision(args.device).precision
     if args.run:
         run_one(args)
         return

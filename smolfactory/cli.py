@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from smolfactory import chat, evaluation, export, plot
 from smolfactory.callbacks.evaluation import TaskEvaluation
@@ -30,6 +31,7 @@ from smolfactory.data.base import TokenizedDataModule
 from smolfactory.data.preview import preview
 from smolfactory.data.sft import SFTDataModule
 from smolfactory.errors import SmolFactoryError
+from smolfactory.model.precision import hardware_precision
 from smolfactory.model.recipe import RecipeModule
 from smolfactory.model.sft import SFTModule
 from smolfactory.run_folder import add_run_defaults, prepare_run
@@ -100,6 +102,8 @@ class SmolFactoryCLI(LightningCLI):
         if "ckpt_path" in config:
             config.ckpt_path = self.ckpt_path
         add_run_defaults(config.trainer)
+        if config.trainer.precision is None:
+            config.trainer.precision = choose_precision(config.trainer.accelerator)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": SFTModule.__module__ + ".SFTModule"})
@@ -120,6 +124,13 @@ class SmolFactoryCLI(LightningCLI):
             help="fit without --ckpt_path in a trainer.default_root_dir that holds another run's checkpoints or "
             "final folder: delete those checkpoints now, replace the final folder when this run has trained",
         )
+
+
+def choose_precision(accelerator: Any) -> str:
+    """The precision for a config that names none: what suits the hardware, said in one line at start."""
+    choice = hardware_precision(accelerator if isinstance(accelerator, str) else "custom")
+    rank_zero_info(f"Precision: {choice.precision}, because {choice.reason} (set trainer.precision to choose)")
+    return choice.precision
 
 
 # Not Trainer subcommands: no training config, each with its own few options.

@@ -312,3 +312,14 @@ def greedy_by_hand(model, tokenizer, messages: list[dict], new_tokens: int = 8) 
         ids.append(token)
         answer.append(token)
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def this_cpu_has_bf16_units() -> bool:
+    """Read here as the kernel reports it: any flags line of /proc/cpuinfo naming AMX-BF16 or AVX512-BF16."""
+    lines = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+    return any(word in ("amx_bf16", "avx512_bf16") for line in lines for word in line.split())
+
+
+def hardware_precision_here() -> str:
+    """The precision a config without one gets on this machine's CPU (bf16 units, else float32)."""
+    return "bf16-mixed" if this_cpu_has_bf16_units() else "32-true"
