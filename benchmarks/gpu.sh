@@ -9,12 +9,14 @@
 #   bash benchmarks/gpu.sh             # on the GPU machine (no network): about 7 minutes on an H200
 #
 # The device call, from the checkout that holds .gpu/ (prepared) and these files:
-#   run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=540)
+#   run(command="bash benchmarks/gpu.sh", carry=[".gpu"], timeout_s=480)
 # The table ends the output; gpu_benchmark.json and gpu_benchmark.log come back from $OUT.
 # PYTHON picks the interpreter (default: .venv/bin/python here, python3 on the GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Options alone (bash benchmarks/gpu.sh --budget 300) mean a run with those options.
+if [[ "${1:-}" == --* && "${1:-}" != --dry-run ]]; then set -- run "$@"; fi
 case "${1:-run}" in
   prepare)
     exec "${PYTHON:-.venv/bin/python}" benchmarks/gpu_benchmark.py prepare
@@ -24,7 +26,7 @@ case "${1:-run}" in
     ;;
   run)
     # The machine's python3 lacks some packages and has older ones; .gpu/wheels holds ours (no index there).
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .gpu/wheels/*.whl
     export PYTHONPATH=/tmp/site
     exec "${PYTHON:-python3}" benchmarks/gpu_benchmark.py run "${@:2}"

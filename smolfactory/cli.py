@@ -128,7 +128,10 @@ class SmolFactoryCLI(LightningCLI):
 
 def choose_precision(accelerator: Any) -> str:
     """The precision for a config that names none: what suits the hardware, said in one line at start."""
-    choice = hardware_precision(accelerator if isinstance(accelerator, str) else "custom")
+    if not isinstance(accelerator, str):  # an Accelerator instance, or its class path and arguments
+        accelerator = getattr(accelerator, "class_path", type(accelerator).__name__).rpartition(".")[2]
+        accelerator = {"CUDAAccelerator": "cuda", "CPUAccelerator": "cpu"}.get(accelerator, accelerator)
+    choice = hardware_precision(accelerator)
     rank_zero_info(f"Precision: {choice.precision}, because {choice.reason} (set trainer.precision to choose)")
     return choice.precision
 

@@ -38,3 +38,6 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # torchdata's StatefulDataLoader calls a torch function that torch deprecated, at every loader it builds.
 warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated", category=UserWarning,
                         module=r"torchdata\.stateful_dataloader")  # fmt: skip
+# Lightning's model summary cannot size bf16-mixed weights (they are float32, so its estimate is right anyway).
+warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary",
+                        module=r"lightning\.pytorch\.utilities\.model_summary")  # fmt: skip

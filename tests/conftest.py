@@ -316,7 +316,8 @@ def greedy_by_hand(model, tokenizer, messages: list[dict], new_tokens: int = 8) 
 
 def this_cpu_has_bf16_units() -> bool:
     """Read here as the kernel reports it: any flags line of /proc/cpuinfo naming AMX-BF16 or AVX512-BF16."""
-    lines = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.exists() else []
     return any(word in ("amx_bf16", "avx512_bf16") for line in lines for word in line.split())
 
 

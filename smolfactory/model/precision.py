@@ -36,18 +36,21 @@ class PrecisionChoice(NamedTuple):
 def hardware_precision(accelerator: str = "auto", cpu_flags: set[str] | None = None) -> PrecisionChoice:
     """bf16 mixed precision where the hardware multiplies bf16 matrices faster than float32, else 32-true.
 
-    That is CUDA GPUs with bf16 (Ampere and later) and x86 CPUs with AMX or AVX512-BF16. Without those units
-    a bf16 product is emulated and runs far slower than float32 (on a CPU 10 to 300 times: measured here).
+    That is CUDA GPUs with bf16 (compute capability 8.0, Ampere, and later) and x86 CPUs with AMX or
+    AVX512-BF16. Without those units a bf16 product is emulated and runs far slower than float32 (on a CPU
+    without them, 300 times: measured).
 
     Args:
         accelerator: Lightning's accelerator setting (auto, cpu, cuda, gpu, mps, ...).
         cpu_flags: The CPU's feature flags; None reads them from /proc/cpuinfo.
     """
-    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if on_cuda:
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return PrecisionChoice("bf16-mixed", f"{torch.cuda.get_device_name()} computes in bf16")
-        return PrecisionChoice("32-true", f"{torch.cuda.get_device_name()} has no bf16 units")
+    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        name, capability = cuda_device()
+        if capability >= (8, 0):
+            return PrecisionChoice("bf16-mixed", f"{name} computes in bf16")
+        return PrecisionChoice("32-true", f"{name} has no bf16 units")
+    if accelerator == "auto" and torch.backends.mps.is_available():
+        return PrecisionChoice("32-true", "Lightning's default on Apple's MPS")
     if accelerator not in ("auto", "cpu"):
         return PrecisionChoice("32-true", f"Lightning's default for accelerator {accelerator}")
     flags = cpu_flags if cpu_flags is not None else read_cpu_flags()
@@ -57,8 +60,22 @@ def hardware_precision(accelerator: str = "auto", cpu_flags: set[str] | None = N
     return PrecisionChoice("32-true", "this CPU has neither AMX nor AVX512-BF16, so bf16 would run slower")
 
 
+def cuda_device() -> tuple[str, tuple[int, int]]:
+    """The first GPU's name and compute capability, read through NVML where it is installed (it comes with
+    torch's CUDA wheels), so that CUDA is not initialised before Lightning forks processes (ddp_fork,
+    ddp_notebook refuse to start after that); through torch otherwise."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return pynvml.nvmlDeviceGetName(handle), tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+    except Exception:  # no NVML, or a driver without it: ask torch (this initialises CUDA)
+        return torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+
+
 def read_cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    """The CPU's feature flags from /proc/cpuinfo (x86 Linux: its ``flags`` line); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
