@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # copy named one) and from the SmolLM2-135M-Instruct GGUF of the built-in model; the parameter counts below
 # agree with the sizes the Hub lists (135M, 362M, 1.71B, 494M, 3.08B) and with SmolLM2-360M-Instruct's
 # bf16 model.safetensors (723,674,912 bytes, revision a10cc151).
+# What SmolLM2-135M and -360M share besides their sizes (both config.json files).
+SMOLLM2_SHARED = {
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
 REAL_CONFIGS: dict[str, dict] = {
     # HuggingFaceTB/SmolLM2-135M-Instruct/config.json (and the built-in model's GGUF metadata)
     "HuggingFaceTB/SmolLM2-135M-Instruct": {
@@ -31,14 +42,7 @@ REAL_CONFIGS: dict[str, dict] = {
         "num_hidden_layers": 30,
         "num_attention_heads": 9,
         "num_key_value_heads": 3,
-        "vocab_size": 49152,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
+        **SMOLLM2_SHARED,
     },
     # HuggingFaceTB/SmolLM2-360M-Instruct/config.json
     "HuggingFaceTB/SmolLM2-360M-Instruct": {
@@ -48,14 +52,7 @@ REAL_CONFIGS: dict[str, dict] = {
         "num_hidden_layers": 32,
         "num_attention_heads": 15,
         "num_key_value_heads": 5,
-        "vocab_size": 49152,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
+        **SMOLLM2_SHARED,
     },
     # HuggingFaceTB/SmolLM2-1.7B-Instruct/config.json (revision 31b70e2e): multi-head attention, 32 KV heads
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": {
