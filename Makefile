@@ -2,7 +2,7 @@
 # make dpo-quickstart  then DPO on top of it, on built-in preference pairs (outputs/dpo_quickstart/final)
 # make grpo-quickstart GRPO with a verifiable reward on generated questions (outputs/grpo_quickstart/final)
 # make test         install into .venv and run lint + the whole test suite (two processes)
-# make test-fast    lint + the tests not marked slow, about a minute and a half (slow: everything that trains, runs the
+# make test-fast    lint + the tests not marked slow, under two minutes (slow: everything that trains, runs the
 #                   command or TRL, the notebook, the real model, 2-process DDP/FSDP, SIGTERM and kill -9)
 VENV ?= .venv
 PYTHON ?= python3
@@ -34,7 +34,7 @@ dpo-quickstart: install
 grpo-quickstart: install
 	$(BIN)/smolfactory fit --config configs/grpo_quickstart.yaml
 
-# Two pytest processes, one test file each (pytest-xdist), one thread each: about 7.5 minutes here.
+# Two pytest processes, one test file each (pytest-xdist), one thread each: 6 to 8 minutes here.
 test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
