@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from smolfactory.callbacks import TokenThroughput
-from smolfactory.callbacks.throughput import flops_per_token, label_tokens, real_tokens
+from smolfactory.callbacks.throughput import batch_counts, flops_per_count
 
 
 class SteadyThroughput(L.Callback):
@@ -33,13 +33,13 @@ class SteadyThroughput(L.Callback):
         self.output = Path(output)
         self.warmup_steps = warmup_steps
         self._started: float | None = None
-        self._counts: torch.Tensor | None = None  # (real tokens, label tokens) since the clock started
+        self._counts: torch.Tensor | None = None  # batch_counts since the clock started
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
         if self._started is not None:
             # Counted on the device without waiting for it: the clock stops on a synchronised device.
             batch = pl_module.trained_batch(batch) if hasattr(pl_module, "trained_batch") else batch
-            counts = torch.stack([real_tokens(batch), label_tokens(batch)]).double()
+            counts = batch_counts(batch).double()
             self._counts = counts if self._counts is None else self._counts + counts
         if self._started is None and trainer.global_step >= self.warmup_steps:
             synchronize(pl_module.device)
@@ -50,15 +50,16 @@ class SteadyThroughput(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         seconds = time.perf_counter() - self._started
-        tokens, labels = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
-        body_flops, head_flops = flops_per_token(pl_module.model)
+        counts = trainer.strategy.reduce(self._counts, reduce_op="sum").tolist()
+        tokens = counts[0]
+        flops = sum(count * price for count, price in zip(counts, flops_per_count(pl_module.model), strict=True))
         peak_flops = next(c.peak_flops for c in trainer.callbacks if isinstance(c, TokenThroughput))
         result = {
             "steps": trainer.global_step - self.warmup_steps,
             "tokens": int(tokens),
             "seconds": seconds,
             "tokens_per_sec": tokens / seconds,
-            "mfu": (tokens * body_flops + labels * head_flops) / seconds / (peak_flops * trainer.world_size),
+            "mfu": flops / seconds / (peak_flops * trainer.world_size),
             "peak_flops": peak_flops,
             "trainable_parameters": sum(p.numel() for p in pl_module.model.parameters() if p.requires_grad),
             "peak_allocated_gib": peak_memory(pl_module.device, "max_memory_allocated"),

@@ -7,6 +7,10 @@ import io
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,31 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # two would fight over the cores.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: object, timeout: float = 400) -> None:
+    """Run ``python ARGS...`` from the project root in a process of its own (the multi-process tests' scripts).
+
+    A failure fails the test with the end of the script's output. A script killed by a signal is run once
+    more, with a warning: once in CI, a two-process FSDP2 run on two busy cores died of SIGSEGV inside torch
+    (its output is lost with it), where the same run passes alone. Wrong results still fail: only a crash is
+    retried, and ``PYTHONFAULTHANDLER`` makes any crash print the Python stack it happened in.
+    """
+    command = [sys.executable, *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    for attempt in (1, 2):
+        done = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+        if done.returncode >= 0 or attempt == 2:
+            break
+        name = signal.Signals(-done.returncode).name
+        warnings.warn(
+            f"{args[0]} died of {name}; running it once more. Its output ended:\n{done.stderr[-3000:]}", stacklevel=2
+        )
+    if done.returncode:
+        pytest.fail(f"{' '.join(command)} exited with {done.returncode}; its output ended:\n{done.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +116,6 @@ def chat(*turns: str) -> dict:
     return {"messages": [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]}
 
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 DPO_QUICKSTART = str(ROOT / "configs" / "dpo_quickstart.yaml")
 

@@ -10,9 +10,6 @@ completions fixed by each prompt.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from smolfactory.export import export_checkpoint
-from tests.conftest import RAGGED, ROOT, write_jsonl
+from tests.conftest import RAGGED, ROOT, run_script, write_jsonl
 from tests.distributed_run import VARIANTS, run
 
 # Pairs of very different lengths: DPO's step loss is the mean over the step's pairs, however they are split.
@@ -58,14 +55,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp"])
 def test_two_processes_match_one(tiny_model_dir, single_process, tmp_path, strategy):
     reference, data, pairs = single_process
-    subprocess.run(
-        [sys.executable, "tests/distributed_run.py", strategy, tiny_model_dir, str(data), str(tmp_path), str(pairs)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-        timeout=400,
-        capture_output=True,
-    )
+    run_script("tests/distributed_run.py", strategy, tiny_model_dir, data, tmp_path, pairs)
     for variant in [*VARIANTS, "dpo", "grpo"] if strategy == "ddp" else VARIANTS:
         expected = json.loads((reference / f"{variant}.json").read_text())
         result = json.loads((tmp_path / f"{variant}.json").read_text())

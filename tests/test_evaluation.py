@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from smolfactory import LoraSettings, SFTModule
 from smolfactory.callbacks.evaluation import TaskEvaluation
 from smolfactory.errors import SmolFactoryError
 from smolfactory.evaluation import reward_results
-from tests.conftest import QUICKSTART, ROOT, fit, smolfactory, stand_in_config, tiny_overrides, write_jsonl
+from tests.conftest import QUICKSTART, ROOT, fit, run_script, smolfactory, stand_in_config, tiny_overrides, write_jsonl
 
 CHOICES = [
     {"question": "What colour is the sky?", "choices": ["blue", "green", "loud"], "label": 0},
@@ -362,10 +360,7 @@ def test_two_processes_score_once_or_in_lockstep_as_lm_eval_does(tiny_model_dir,
     from tests.conftest import RAGGED
 
     data = write_jsonl(tmp_path / "ragged.jsonl", RAGGED)
-    command = [sys.executable, "tests/distributed_evaluation.py", tiny_model_dir, data, task_folder, tmp_path]
-    subprocess.run(
-        [str(arg) for arg in command], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=400
-    )
+    run_script("tests/distributed_evaluation.py", tiny_model_dir, data, task_folder, tmp_path)
     for strategy in ("ddp", "fsdp2", "fsdp"):
         ranks = [json.loads((tmp_path / f"{strategy}-rank{rank}.json").read_text()) for rank in (0, 1)]
         assert [rank["runs"] for rank in ranks] == ([1, 0] if strategy == "ddp" else [1, 1]), strategy

@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from smolfactory import GRPOModule, LoraSettings, PromptDataModule, Reward, SamplingSettings
+from smolfactory.callbacks.throughput import attention_pairs
 from smolfactory.model.policy_losses import GRPOLoss
 from smolfactory.rewards import completion_text
 from tests.conftest import (
@@ -87,6 +88,22 @@ def test_rewards_get_the_prompts_completions_and_every_column(tiny_model_dir, tm
     assert (rollout.advantages[skipped] == 0).all()
     total, count = rollout.scores["reward"]
     assert (total, count) == (4.0, 4.0)
+
+
+def test_throughput_counts_the_attention_of_shared_prompts_once(tiny_model_dir, tmp_path):
+    """Without checkpointing a group's prompt runs once and its completions attend to it through the cache:
+    the attention pairs counted for MFU are those of every completion after its own copy of the prompt, less
+    the copies' own pairs."""
+    data = PromptDataModule(dataset=str(write_jsonl(tmp_path / "p.jsonl", prompt_rows(2))), tokenizer=tiny_model_dir)
+    data.setup("fit")
+    module = grpo(tiny_model_dir, ["letter_count"])
+    module.configure_model()
+    rollout = module.rollout(next(iter(data.train_dataloader())))
+    module._rollouts.append(rollout)  # as the training step keeps it
+    prompts = rollout.prompt_mask.sum(-1)
+    copies = module.sampling.num_generations - 1
+    expected = attention_pairs(rollout.sequences) - copies * (prompts * (prompts + 1) // 2).sum()
+    assert attention_pairs(module.trained_batch({})) == expected
 
 
 def test_the_kl_reference_under_lora_is_the_base_model_without_a_copy(tiny_model_dir, tmp_path):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import TokenThroughput
-from smolfactory.callbacks.throughput import flops_per_token, real_tokens
+from smolfactory.callbacks.throughput import attention_flops_per_pair, attention_pairs, flops_per_token, real_tokens
 from smolfactory.data.collate import packed_collate, pad_collate
 from smolfactory.model.lora import apply_lora
 from tests.conftest import chat, write_jsonl
@@ -32,6 +33,35 @@ def test_real_tokens_leave_out_exactly_the_padding(collate):
         batch = pad_collate([e for row in rows for e in row], pad_token_id=0)
     assert batch["input_ids"].numel() > sum(map(sum, lengths))  # there is padding to leave out
     assert real_tokens(batch) == sum(map(sum, lengths))
+
+
+@pytest.mark.parametrize("collate", ["padded", "packed"])
+def test_attention_pairs_are_each_examples_causal_window(collate):
+    lengths = [[5, 3], [7], [2, 2, 1]]
+    rows = [[example(n, 10 * i + j) for j, n in enumerate(row)] for i, row in enumerate(lengths)]
+    if collate == "packed":
+        batch = packed_collate(rows, pad_token_id=0)
+    else:
+        batch = pad_collate([e for row in rows for e in row], pad_token_id=0)
+    # Query i of an example attends to keys 0..i of the same example: 15 + 6 + 28 + 3 + 3 + 1.
+    by_hand = sum(sum(1 for i in range(n) for _ in range(i + 1)) for row in lengths for n in row)
+    assert attention_pairs(batch) == by_hand == 56
+
+
+def test_attention_flops_match_torchs_count_of_the_attention_products(tiny_model_dir):
+    """Eager attention multiplies full [length x length] score matrices (the causal mask only hides the upper
+    half): torch's FLOP counter of their batched products, forward and backward, scaled to the causal half,
+    must equal our count for the row's pairs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    length = 24
+    batch = {"input_ids": torch.arange(100, 100 + length)[None, :]}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch).logits.sum().backward()
+    products = counter.get_flop_counts()["Global"][torch.ops.aten.bmm]
+    causal_pairs = length * (length + 1) // 2
+    assert attention_pairs(batch) == causal_pairs
+    assert attention_flops_per_pair(model) * causal_pairs == products * causal_pairs / length**2
 
 
 def test_flops_per_token_match_the_layer_shapes(tiny_model_dir):

@@ -16,8 +16,10 @@ class TokenThroughput(L.Callback):
         """Log real (non-padding) tokens/s and MFU at every logging step, and a summary when fit ends.
 
         MFU counts the matrix multiplies a step needs: every linear layer forward and backward through the
-        activations, weight gradients of the trained ones only, and the LM head at label positions only.
-        Attention scores are left out, so the figure is a slight underestimate.
+        activations, weight gradients of the trained ones only, the LM head at label positions only, and
+        attention over each example's causal window (not the padding, nor the other examples of a packed
+        row, which a masked kernel computes and discards). Recomputation by gradient checkpointing is not
+        counted: it is work the step needs only because memory ran short.
 
         Args:
             peak_flops: The device's matmul peak in FLOP/s per device; null measures it when fit starts (a
@@ -33,7 +35,7 @@ class TokenThroughput(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
-        self.body_flops, self.head_flops = flops_per_token(pl_module.model)
+        self.flops_per_count = flops_per_count(pl_module.model)
         if self.peak_flops is None:
             self.peak_flops = measure_matmul_peak(pl_module.device, compute_dtype(trainer.precision))
         rank_zero_info(f"Matmul peak for MFU: {self.peak_flops / 1e9:.1f} GFLOP/s per device")
@@ -45,7 +47,7 @@ class TokenThroughput(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch: dict, *args) -> None:
         # Counted on the device, without waiting for it: the host syncs (and ranks reduce) only when logging.
         batch = pl_module.trained_batch(batch) if hasattr(pl_module, "trained_batch") else batch
-        counts = torch.stack([real_tokens(batch), label_tokens(batch)])
+        counts = batch_counts(batch)
         self._pending = counts if self._pending is None else self._pending + counts
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
         if not stepped or trainer.global_step % trainer.log_every_n_steps:  # log after optimizer steps only
@@ -62,10 +64,10 @@ class TokenThroughput(L.Callback):
         """Add the counts since the last call, summed over ranks (every rank calls this at the same step)."""
         if self._pending is None:
             return
-        tokens, labels = trainer.strategy.reduce(self._pending.double(), reduce_op="sum").tolist()
+        counts = trainer.strategy.reduce(self._pending.double(), reduce_op="sum").tolist()
         self._pending = None
-        self._tokens += int(tokens)
-        self._flops += tokens * self.body_flops + labels * self.head_flops
+        self._tokens += int(counts[0])
+        self._flops += sum(count * price for count, price in zip(counts, self.flops_per_count, strict=True))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and self._started is not None:
@@ -91,6 +93,16 @@ class TokenThroughput(L.Callback):
         }
 
 
+def batch_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A batch's real tokens, label tokens and attention pairs, the counts ``flops_per_count`` prices."""
+    return torch.stack([real_tokens(batch), label_tokens(batch), attention_pairs(batch)])
+
+
+def flops_per_count(model: torch.nn.Module) -> tuple[float, float, float]:
+    """FLOPs of a real token in the decoder body, of a label token in the LM head, and of an attention pair."""
+    return (*flops_per_token(model), attention_flops_per_pair(model))
+
+
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch, as a 0-dim tensor."""
     if "attention_mask" in batch:
@@ -98,13 +110,43 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     input_ids = batch["input_ids"]
     if "position_ids" not in batch:
         return torch.tensor(input_ids.numel(), device=input_ids.device)
-    # A packed row shorter than the batch ends in a padding run: its last run of positions, with no label.
+    in_last_run, padding_run = packed_padding(batch)
+    return in_last_run.numel() - (in_last_run.sum(dim=1) * padding_run).sum()
+
+
+def packed_padding(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a packed batch's padding is: ``[rows, seq]`` true in each row's last run of positions, and
+    ``[rows]`` true where that run is padding (a packed row shorter than the batch ends in a run of
+    positions restarting at 0 with no label)."""
     positions, labels = batch["position_ids"], batch["labels"]
     index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
     last_start = torch.where(positions == 0, index, 0).amax(dim=1, keepdim=True)
     in_last_run = index >= last_start
     padding_run = (last_start.squeeze(1) > 0) & ~((labels != IGNORE_INDEX) & in_last_run).any(dim=1)
-    return positions.numel() - (in_last_run.sum(dim=1) * padding_run).sum()
+    return in_last_run, padding_run
+
+
+def attention_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(query, key) pairs that causal attention relates within the batch's real examples, as a 0-dim tensor.
+
+    An example of n tokens has n (n + 1) / 2. Padded rows: one example per row, its attention_mask's tokens.
+    Packed rows: each run of positions restarting at 0 is an example, the padding run excluded. A batch that
+    counts its own (``attention_pairs``, GRPO's shared prompts) gives that count.
+    """
+    if "attention_pairs" in batch:
+        return batch["attention_pairs"]
+    if "attention_mask" in batch:
+        lengths = batch["attention_mask"].sum(dim=1)
+    elif "position_ids" not in batch:
+        lengths = torch.full(
+            batch["input_ids"].shape[:1], batch["input_ids"].shape[1], device=batch["input_ids"].device
+        )
+    else:
+        # A token at position p is the (p + 1)-th of its example and attends to p + 1 keys.
+        in_last_run, padding_run = packed_padding(batch)
+        keys = batch["position_ids"] + 1
+        return (keys * ~(in_last_run & padding_run[:, None])).sum()
+    return (lengths * (lengths + 1) // 2).sum()
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,6 +168,18 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
             body += (6 if module.weight.requires_grad else 4) * weights
     head_weights = head.in_features * head.out_features
     return body, (6 if head.weight.requires_grad else 4) * head_weights
+
+
+def attention_flops_per_pair(model: torch.nn.Module) -> float:
+    """FLOPs of one (query, key) pair of attention, over all layers and heads, forward and backward.
+
+    Per layer and query dimension: 2 for the score and 2 for its share of the weighted values (forward), 8
+    in backward (gradients of the scores, queries, keys and values). Sliding windows are not modelled: the
+    count is full causal attention, which is what the small models here use.
+    """
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 12.0 * config.num_hidden_layers * config.num_attention_heads * head_dim
 
 
 def compute_dtype(precision: str | int | None) -> torch.dtype:

@@ -384,13 +384,24 @@ class GRPOModule(RecipeModule):
 
     def trained_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The tokens the last training step ran through the model: each prompt once for its group, then the
-        completions (``attention_mask``, one row), and the trained completion tokens (``labels``)."""
+        completions (``attention_mask``, one row), the trained completion tokens (``labels``), and, as that
+        row is no sequence, the (query, key) pairs attention related (``attention_pairs``): each prompt's
+        causal ones, and each completion's over its prompt and itself."""
         rollout = self._rollouts[self._micro_batch - 1 if self._micro_batch else -1]
         if self.model_settings.gradient_checkpointing:  # every completion after its own copy of the prompt
             return rollout.sequences
         ran = torch.cat([rollout.prompt_mask.flatten(), rollout.completion_mask.flatten()])
         labels = torch.where(rollout.mask, rollout.completion_ids, IGNORE_INDEX)
-        return {"attention_mask": ran[None, :], "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX)}
+        prompts = rollout.prompt_mask.sum(-1)
+        completions = rollout.completion_mask.sum(-1)
+        pairs = (prompts * (prompts + 1) // 2).sum()
+        pairs += (completions * prompts.repeat_interleave(self.sampling.num_generations)).sum()
+        pairs += (completions * (completions + 1) // 2).sum()
+        return {
+            "attention_mask": ran[None, :],
+            "labels": torch.nn.functional.pad(labels, (1, 0), value=IGNORE_INDEX),
+            "attention_pairs": pairs,
+        }
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
