@@ -34,7 +34,7 @@ dpo-quickstart: install
 grpo-quickstart: install
 	$(BIN)/smolfactory fit --config configs/grpo_quickstart.yaml
 
-# Two pytest processes, one test file each (pytest-xdist), one thread each: 6 to 8 minutes here.
+# Two pytest processes, one test file each (pytest-xdist), one thread each: 6 to 13 minutes on 2 cores.
 test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
