@@ -175,11 +175,15 @@ def attention_flops_per_pair(model: torch.nn.Module) -> float:
 
     Per layer and query dimension: 2 for the score and 2 for its share of the weighted values (forward), 8
     in backward (gradients of the scores, queries, keys and values). Sliding windows are not modelled: the
-    count is full causal attention, which is what the small models here use.
+    count is full causal attention, which is what the small models here use. A model whose config does not
+    name its layers and heads the transformers way costs 0 here (MFU then leaves attention out).
     """
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 12.0 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    config = model.config.get_text_config()
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return 0.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 12.0 * layers * heads * head_dim
 
 
 def compute_dtype(precision: str | int | None) -> torch.dtype:
