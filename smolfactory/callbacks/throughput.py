@@ -95,7 +95,8 @@ class TokenThroughput(L.Callback):
 
 def batch_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A batch's real tokens, label tokens and attention pairs, the counts ``flops_per_count`` prices."""
-    return torch.stack([real_tokens(batch), label_tokens(batch), attention_pairs(batch)])
+    real = real_token_mask(batch)
+    return torch.stack([real.sum(), label_tokens(batch), attention_pairs(batch, real)])
 
 
 def flops_per_count(model: torch.nn.Module) -> tuple[float, float, float]:
@@ -103,50 +104,41 @@ def flops_per_count(model: torch.nn.Module) -> tuple[float, float, float]:
     return (*flops_per_token(model), attention_flops_per_pair(model))
 
 
-def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch, as a 0-dim tensor."""
+def real_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[rows, seq]``, true at the non-padding tokens of a padded (attention_mask) or packed (position_ids)
+    batch."""
     if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    input_ids = batch["input_ids"]
+        return batch["attention_mask"].bool()
     if "position_ids" not in batch:
-        return torch.tensor(input_ids.numel(), device=input_ids.device)
-    in_last_run, padding_run = packed_padding(batch)
-    return in_last_run.numel() - (in_last_run.sum(dim=1) * padding_run).sum()
-
-
-def packed_padding(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a packed batch's padding is: ``[rows, seq]`` true in each row's last run of positions, and
-    ``[rows]`` true where that run is padding (a packed row shorter than the batch ends in a run of
-    positions restarting at 0 with no label)."""
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    # A packed row shorter than the batch ends in a padding run: its last run of positions, with no label.
     positions, labels = batch["position_ids"], batch["labels"]
     index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
     last_start = torch.where(positions == 0, index, 0).amax(dim=1, keepdim=True)
     in_last_run = index >= last_start
     padding_run = (last_start.squeeze(1) > 0) & ~((labels != IGNORE_INDEX) & in_last_run).any(dim=1)
-    return in_last_run, padding_run
+    return ~(in_last_run & padding_run[:, None])
 
 
-def attention_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding tokens of a padded (attention_mask) or packed (position_ids) batch, as a 0-dim tensor."""
+    return real_token_mask(batch).sum()
+
+
+def attention_pairs(batch: dict[str, torch.Tensor], real: torch.Tensor | None = None) -> torch.Tensor:
     """(query, key) pairs that causal attention relates within the batch's real examples, as a 0-dim tensor.
 
-    An example of n tokens has n (n + 1) / 2. Padded rows: one example per row, its attention_mask's tokens.
-    Packed rows: each run of positions restarting at 0 is an example, the padding run excluded. A batch that
-    counts its own (``attention_pairs``, GRPO's shared prompts) gives that count.
+    An example of n tokens has n (n + 1) / 2: its token at position p attends to p + 1 keys. Padded rows: one
+    example per row, its attention_mask's tokens. Packed rows: each run of positions restarting at 0 is an
+    example, the padding run excluded. A batch that counts its own (``attention_pairs``, GRPO's shared
+    prompts) gives that count. ``real``: the batch's ``real_token_mask``, where the caller has it.
     """
     if "attention_pairs" in batch:
         return batch["attention_pairs"]
-    if "attention_mask" in batch:
-        lengths = batch["attention_mask"].sum(dim=1)
-    elif "position_ids" not in batch:
-        lengths = torch.full(
-            batch["input_ids"].shape[:1], batch["input_ids"].shape[1], device=batch["input_ids"].device
-        )
-    else:
-        # A token at position p is the (p + 1)-th of its example and attends to p + 1 keys.
-        in_last_run, padding_run = packed_padding(batch)
-        keys = batch["position_ids"] + 1
-        return (keys * ~(in_last_run & padding_run[:, None])).sum()
-    return (lengths * (lengths + 1) // 2).sum()
+    real = real_token_mask(batch) if real is None else real
+    packed = "position_ids" in batch and "attention_mask" not in batch
+    positions = batch["position_ids"] if packed else real.cumsum(dim=1) - 1
+    return ((positions + 1) * real).sum()
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
