@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/throughput.py --dataset ../shared/data/alpaca_en_demo.json --examples 120
         [--model builtin:smollm2-135m-instruct] [--full] [--max-length 512] [--batch-size 4]
         [--precision 32-true|bf16-mixed] [--runs smolfactory smolfactory-packed trl-default trl-best]
-        [--max-steps N] [--memory]
+        [--max-steps N] [--memory] [--trl-reuse-freed]
 
 Each run trains one epoch (or --max-steps optimizer steps) over the same examples (Alpaca rows or chat rows
 become one user and one assistant turn; only the assistant turn is trained) in a process of its own. It
@@ -116,7 +116,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     import lightning as L
 
     from smolfactory import LoraSettings, SFTDataModule, SFTModule
-    from smolfactory.callbacks import TokenThroughput
+    from smolfactory.callbacks import HostMemory, TokenThroughput
     from smolfactory.callbacks.throughput import real_tokens
 
     folder = Path(tempfile.mkdtemp())
@@ -148,7 +148,9 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     trainer = L.Trainer(
         accelerator=args.device, devices=1, precision=args.precision, max_epochs=1, max_steps=args.max_steps or -1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, log_every_n_steps=1, callbacks=[throughput, record], default_root_dir=folder,
+        limit_val_batches=0, log_every_n_steps=1, default_root_dir=folder,
+        # as the smolfactory command does, except under --memory (the resident set must follow live tensors)
+        callbacks=[throughput, record, HostMemory(reuse_freed=not args.memory)],
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -183,6 +185,10 @@ def run_trl(args: argparse.Namespace, pairs: list[dict], packing: bool, checkpoi
         **options,
     )  # fmt: skip
     memory = TrainingMemory(args.device)
+    if args.trl_reuse_freed and not args.memory:
+        from smolfactory.callbacks.host_memory import keep_freed_memory
+
+        keep_freed_memory()
 
     class StartMemory(TrainerCallback):
         def on_train_begin(self, *unused, **kwargs):
@@ -227,6 +233,11 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS + MORE_RUNS)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--memory", action="store_true", help="CPU: resident set that follows live tensors (slower)")
+    parser.add_argument(
+        "--trl-reuse-freed",
+        action="store_true",
+        help="TRL runs keep freed host memory for reuse too, as smolfactory's CPU fits do",
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     args.precision = args.precision or hardware_precision(args.device).precision
@@ -249,7 +260,8 @@ def main() -> None:
 def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
     method = "full fine-tuning" if args.full else "LoRA r=16 all-linear"
     print(f"\n{args.model}, {method}, {args.precision} on {args.device}, {args.examples} examples of {args.dataset}, "
-          f"batch {args.batch_size}, max_length {args.max_length}\n")  # fmt: skip
+          f"batch {args.batch_size}, max_length {args.max_length}"
+          f"{'; TRL keeps freed host memory too' if args.trl_reuse_freed else ''}\n")  # fmt: skip
     baseline = results.get("trl-default")
     columns = ["run", "real tokens", "trained tokens", "tokens/s", "train s", "wall s", "training peak MB",
                "mean train loss", "final loss", "MFU"]  # fmt: skip

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from smolfactory import chat, evaluation, export, plot
 from smolfactory.callbacks.evaluation import TaskEvaluation
 from smolfactory.callbacks.export import HFExport
+from smolfactory.callbacks.host_memory import HostMemory
 from smolfactory.callbacks.interrupt import SaveOnInterrupt
 from smolfactory.callbacks.predictions import PredictionWriter
 from smolfactory.callbacks.samples import GenerationSamples
@@ -61,7 +62,8 @@ class SmolFactoryTrainer(L.Trainer):
 
 class SmolFactoryCLI(LightningCLI):
     """LightningCLI over the recipes (SFTModule, DPOModule: siblings on RecipeModule) and their data modules, with
-    the export, predictions, interrupt, throughput, generation-samples and task-evaluation callbacks always on."""
+    the export, predictions, interrupt, throughput, host-memory, generation-samples and task-evaluation callbacks
+    always on."""
 
     def __init__(self, *args, **kwargs) -> None:
         """Takes LightningCLI's arguments; only the defaults below differ."""
@@ -115,6 +117,7 @@ class SmolFactoryCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
+        parser.add_lightning_class_args(HostMemory, "host_memory")
         parser.add_lightning_class_args(GenerationSamples, "samples")
         parser.add_lightning_class_args(TaskEvaluation, "evaluation")  # off (and lm-eval not imported) without tasks
         parser.add_argument(
