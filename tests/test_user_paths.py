@@ -150,10 +150,11 @@ def test_settings_a_resume_may_change_come_from_the_command_line(finished_run, t
 
 
 @pytest.mark.slow
-def test_evaluating_a_checkpoint_with_other_weights_refuses(finished_run, tiny_model_dir, capfd):
+def test_evaluating_a_checkpoint_with_other_weights_refuses(finished_run, tiny_model_dir, tmp_path, capfd):
     """validate/test/predict may change other settings, never the weights the checkpoint must fill."""
     last = finished_run / "checkpoints" / "last.ckpt"
-    stand_in = stand_in_config(finished_run.parent, tiny_model_dir)
+    # validate logs under its run folder: a temporary one, not the config's outputs/quickstart in this checkout
+    stand_in = stand_in_config(tmp_path, tiny_model_dir, trainer={"default_root_dir": str(tmp_path)})
     result = smolfactory(capfd, "validate", "--config", QUICKSTART, "--config", stand_in, f"--ckpt_path={last}",
                          "--model.lora.target_modules=[q_proj, v_proj]", "--model.lora.r=8")  # fmt: skip
     assert result.code == 2
