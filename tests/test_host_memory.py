@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from smolfactory.callbacks import HostMemory
 from smolfactory.cli import SmolFactoryCLI
 from tests.conftest import QUICKSTART, ROOT, tiny_overrides
 
@@ -76,7 +77,6 @@ def test_reuse_freed_false_leaves_the_allocator_alone(tmp_path, tiny_model_dir, 
     args = ["--config", QUICKSTART, "--config", overrides, "--host_memory.reuse_freed=false"]
     with caplog.at_level(logging.INFO):
         cli = SmolFactoryCLI(args=args, run=False)
-        cli.trainer.strategy.setup_environment()
-        for callback in cli.trainer.callbacks:
-            callback.setup(cli.trainer, cli.model, "fit")
+        (host_memory,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, HostMemory)]
+        host_memory.setup(cli.trainer, cli.model, "fit")  # as fit would call it, without fitting
     assert not [record for record in caplog.records if record.getMessage().startswith("Host memory:")]
