@@ -25,7 +25,8 @@ TRL runs: `trl-default` (SFTConfig defaults: padded batches, gradient checkpoint
 (packing, padding-free, no gradient checkpointing) and `trl-packed-ckpt` (packing, padding-free, gradient
 checkpointing). All use prompt-completion rows, so TRL trains the completion only, as smolfactory trains the
 assistant turn. Learning rate constant in all. smolfactory runs: padded, packed, packed with gradient
-checkpointing.
+checkpointing, and `smolfactory-packed-masked`: packed, with each row through sdpa's kernel under a
+block-diagonal mask instead of example by example (how CPU runs attended before 2026-12-02).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 from smolfactory.model.precision import hardware_precision
 
 RUNS = ["smolfactory", "smolfactory-packed", "trl-default", "trl-best"]
-MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt"]
+MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt", "smolfactory-packed-masked"]
 LEARNING_RATE = 2e-4
 
 
@@ -138,6 +139,9 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
         tokens = 0
 
         def on_train_start(self, trainer, pl_module):
+            if args.run == "smolfactory-packed-masked":  # sdpa's kernel over each whole row, block-diagonal mask
+                pl_module.causal_lm.set_attn_implementation("sdpa")
+                pl_module.attends_example_by_example = False
             memory.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -23,7 +23,7 @@ class TokenThroughput(L.Callback):
 
         Args:
             peak_flops: The device's matmul peak in FLOP/s per device; null measures it when fit starts (a
-                large matrix multiply in the training's compute dtype).
+                large matrix multiply in the training's compute dtype, the best over half a second).
         """
         self.peak_flops = peak_flops
         self._tokens = 0  # real tokens (all ranks) since fit started
@@ -188,13 +188,17 @@ def compute_dtype(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
-    """FLOP/s of a large square matrix multiply on `device` in `dtype` (the best of a few runs)."""
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5
+) -> float:
+    """FLOP/s of a large square matrix multiply on `device` in `dtype`: the best of at least four runs, repeated
+    for about `seconds` (on a shared VM a few runs in a row can all be slowed, and the peak would read low)."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(4):
+    best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while runs < 4 or time.perf_counter() < deadline:
+        runs += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -2,8 +2,9 @@
 
 A packed row holds several whole examples back to back. ``packed_collate`` gives each example its own
 ``position_ids`` (restarting at 0) and no ``attention_mask``: transformers then finds the example
-boundaries from the position ids and no example attends to another (sdpa and eager build a
-block-diagonal mask per row; flash-attention takes the rows flattened, see ``RecipeModule.final_hidden_states``).
+boundaries from the position ids and no example attends to another (eager, and sdpa on a GPU, build a
+block-diagonal mask per row; flash-attention takes the rows flattened, see ``RecipeModule.final_hidden_states``;
+sdpa on a CPU attends example by example, see ``smolfactory.model.packed_attention``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from smolfactory.errors import SmolFactoryError
 from smolfactory.model.kernels import apply_liger_kernels
 from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
 from smolfactory.model.lora import LoraSettings, apply_lora
+from smolfactory.model.packed_attention import PACKED_SDPA
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
 from smolfactory.model.sharding import shard_decoder_layers
 
@@ -100,12 +101,22 @@ def build_model(
             "label-only loss does not support yet; use a model without it (SmolLM, Qwen, Llama)"
         )
     model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
+    if attends_example_by_example(settings, on_cuda, precision):
+        causal_lm_of(model).set_attn_implementation(PACKED_SDPA)  # every call without a packed layout is sdpa
     if device_mesh is not None:
         shard_decoder_layers(model, causal_lm_of(model), device_mesh["data_parallel"])
     if settings.compile:
         # In place (nn.Module.compile): parameter names, and so checkpoints and exports, stay as they are.
         model.compile()
     return model
+
+
+def attends_example_by_example(settings: ModelSettings, on_cuda: bool, precision: str | None) -> bool:
+    """Whether packed rows attend example by example (``packed_attention.py``): sdpa on a CPU, products in bf16 or
+    fp16 (in float32 it measured no faster and keeps float32 probabilities), not compiled (the examples' lengths
+    change every batch, and so would the compiled graph)."""
+    low_precision = compute_dtype(precision, settings.dtype) != torch.float32
+    return settings.attn_implementation == "sdpa" and not on_cuda and low_precision and not settings.compile
 
 
 def load_base(settings: ModelSettings, name: str, precision: str | None) -> PreTrainedModel:

@@ -34,9 +34,16 @@ from transformers import PreTrainedModel
 
 from smolfactory.checkpoints import check_same_settings
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.build import AttnImplementation, ModelSettings, build_model, causal_lm_of
+from smolfactory.model.build import (
+    AttnImplementation,
+    ModelSettings,
+    attends_example_by_example,
+    build_model,
+    causal_lm_of,
+)
 from smolfactory.model.loading import DEFAULT_MODEL
 from smolfactory.model.lora import LoraSettings
+from smolfactory.model.packed_attention import PackedLayout
 from smolfactory.model.precision import Quantization, WeightsDtype
 from smolfactory.model.sharding import is_sharded, unwrapped_name
 
@@ -124,6 +131,7 @@ class RecipeModule(L.LightningModule):
             compile=compile,
         )
         self.model: PreTrainedModel | PeftModel | None = None
+        self.attends_example_by_example = False  # set by configure_model (see packed_attention.py)
         # Token- or pair-weighted epoch means (torchmetrics: synchronised across devices when computed).
         self.train_metrics, self.val_metrics, self.test_metrics = (
             torch.nn.ModuleDict(
@@ -139,13 +147,12 @@ class RecipeModule(L.LightningModule):
         if self.model is not None:
             return
         trainer = self.attached_trainer
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        precision = trainer.precision if trainer is not None else None
         self.model = build_model(
-            self.model_settings,
-            self.lora,
-            precision=trainer.precision if trainer is not None else None,
-            on_cuda=trainer is not None and trainer.strategy.root_device.type == "cuda",
-            device_mesh=self.device_mesh,
+            self.model_settings, self.lora, precision=precision, on_cuda=on_cuda, device_mesh=self.device_mesh
         )
+        self.attends_example_by_example = attends_example_by_example(self.model_settings, on_cuda, precision)
 
     @property
     def causal_lm(self) -> PreTrainedModel:
@@ -182,8 +189,16 @@ class RecipeModule(L.LightningModule):
             use_cache=False,
             logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
             output_hidden_states=True,
+            **self.packed_attention_kwargs(batch),
         )
         return outputs.hidden_states[-1].reshape(*shape, -1)
+
+    def packed_attention_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, PackedLayout]:
+        """Where a packed batch's examples sit, for attention example by example on a CPU (computed once here, used
+        by every layer); nothing for padded batches or other attention kernels."""
+        if not self.attends_example_by_example or "position_ids" not in batch or "attention_mask" in batch:
+            return {}
+        return {"packed_layout": PackedLayout.from_position_ids(batch["position_ids"])}
 
     # ---- the recipe's part ----------------------------------------------------------------------------------
 
