@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def add_run_defaults(trainer: Namespace) -> None:
     Lightning's default logger is TensorBoard's when tensorboard happens to be installed, else CSV; ours is always
     CSV (no extra install, and what `smolfactory plot` reads); `logger: false` still turns it off. A ModelCheckpoint
     without dirpath would write under the logger's versioned folder, where `--ckpt_path last` of the next run
-    would not look.
+    would not look. The default ModelCheckpoint saves last.ckpt every DEFAULT_SAVE_INTERVAL of training.
     """
     root = trainer.default_root_dir or os.getcwd()
     root = root.rstrip("/") if is_remote(root) else str(Path(root).expanduser())
@@ -80,8 +81,10 @@ def add_run_defaults(trainer: Namespace) -> None:
         # The folder holds one run (prepare_run): its last.ckpt is replaced, never versioned as last-v1.ckpt beside
         # a last.ckpt that the interrupt handler wrote.
         callback.init_args.enable_version_counter = False
+        warn_if_last_waits(callback.init_args)
     if not checkpointing and trainer.enable_checkpointing is not False:  # Lightning's default one, placed here
-        init_args = Namespace(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0, enable_version_counter=False)
+        init_args = Namespace(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0, enable_version_counter=False,
+                              train_time_interval=DEFAULT_SAVE_INTERVAL)  # fmt: skip
         trainer.callbacks = [*callbacks, Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
                                                    init_args=init_args)]  # fmt: skip
     progress_bars = [callback for callback in trainer.callbacks or [] if _is_subclass(callback, ProgressBar)]
@@ -94,6 +97,29 @@ def add_run_defaults(trainer: Namespace) -> None:
     if not own_io and not any(_is_subclass(plugin, CheckpointIO) for plugin in plugins):
         checkpoint_io = Namespace(class_path=f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO")
         trainer.plugins = [*plugins, checkpoint_io]
+
+
+# Time rather than steps: it bounds what a crash loses whatever a step costs, from a laptop CPU to a GPU node.
+DEFAULT_SAVE_INTERVAL = timedelta(minutes=15)
+
+
+def warn_if_last_waits(checkpoint: Namespace) -> None:
+    """Say so when a ModelCheckpoint's last.ckpt would not follow training.
+
+    In Lightning 2.6 `save_last` saves only beside a top-k checkpoint: never before the end of fit with
+    save_top_k 0, only at a new best with a monitor. A crash then loses every step since.
+    """
+    periodic = checkpoint.get("every_n_train_steps") or checkpoint.get("train_time_interval") is not None
+    if not checkpoint.get("save_last") or periodic:
+        return
+    if checkpoint.get("save_top_k", 1) == 0:
+        when = "when fit ends"
+    elif checkpoint.get("monitor") is not None and checkpoint.get("save_top_k", 1) != -1:
+        when = f"when fit ends and at a new best {checkpoint.monitor}"
+    else:
+        return
+    rank_zero_info(f"Note: the ModelCheckpoint writes last.ckpt only {when}, so a crash loses the steps since; add "
+                   "every_n_train_steps or train_time_interval to it to save it as training goes")  # fmt: skip
 
 
 def check_writable(folder: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import SaveOnInterrupt
@@ -153,6 +154,66 @@ def test_sigterm_from_outside_saves_a_checkpoint_that_resumes(tmp_path, tiny_mod
     assert "dataloader is not resumable" not in resumed.out + resumed.err
     assert [path.name for path in last.parent.iterdir()] == ["last.ckpt"]  # replaced, not versioned beside it
     assert torch.load(last, weights_only=True)["global_step"] == step + 2
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_shipped_config_resumes_from_its_last_periodic_save(tmp_path, tiny_model_dir, capfd):
+    """The quickstart's ModelCheckpoint had save_top_k 0 and save_last but no period: Lightning 2.6 then writes
+    last.ckpt only when fit ends, and a kill -9 lost every step (the resume refused: no checkpoint)."""
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=100_000)
+    command = [sys.executable, "-m", "smolfactory.cli", "fit", "--config", QUICKSTART, "--config", overrides]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()
+    process.wait(timeout=60)
+    assert last.exists(), "no last.ckpt while training"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step > 0 and step % 10 == 0  # the config's every_n_train_steps
+    resumed = smolfactory(capfd, *command[3:], f"--trainer.max_steps={step + 3}", "--ckpt_path=last")
+    assert resumed.code == 0, resumed.err[-2000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.out
+    assert f"`max_steps={step + 3}` reached" in resumed.out
+    assert torch.load(last, weights_only=True)["global_step"] == step + 3
+
+
+@pytest.mark.slow
+def test_last_ckpt_holds_the_final_step_when_training_ends_between_two_periodic_saves(tmp_path, tiny_model_dir,
+                                                                                      capfd):  # fmt: skip
+    """Lightning 2.6 saves last.ckpt at the end only when it saved nothing before: 13 steps saved every 10 left
+    step 10 in last.ckpt, so a resume trained steps 11-13 again."""
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=13)
+    result = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides)
+    assert result.code == 0, result.err[-2000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 13
+    assert [path.name for path in last.parent.iterdir()] == ["last.ckpt"]
+    again = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides, "--ckpt_path=last")
+    assert again.code == 0 and "`max_steps=13` reached" in again.out
+    assert "trained no step" in again.out + again.err
+
+
+def test_a_checkpoint_that_saves_last_only_at_the_end_is_named_at_start(tmp_path, tiny_model_dir, capfd):
+    only_at_end = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"save_last": True, "save_top_k": 0}}  # fmt: skip
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=1)
+    result = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides,
+                         f"--trainer.callbacks=[{json.dumps(only_at_end)}]")  # fmt: skip
+    assert result.code == 0, result.err[-2000:]
+    assert "the ModelCheckpoint writes last.ckpt only when fit ends, so a crash loses the steps since" in result.out
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    shipped = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides,
+                          f"--trainer.default_root_dir={tmp_path / 'shipped'}")  # fmt: skip
+    assert shipped.code == 0 and "writes last.ckpt only" not in shipped.out
+    # With no ModelCheckpoint the one added saves every 15 minutes of training, as the README says.
+    default = smolfactory(capfd, "fit", "--config", QUICKSTART, "--config", overrides, "--trainer.callbacks=[]",
+                          f"--trainer.default_root_dir={tmp_path / 'default'}")  # fmt: skip
+    assert default.code == 0 and "writes last.ckpt only" not in default.out
+    config = yaml.safe_load((tmp_path / "default" / "logs" / "version_0" / "config.yaml").read_text())
+    [checkpoint] = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
+    assert checkpoint["init_args"]["train_time_interval"] == "0:15:00" and checkpoint["init_args"]["save_last"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Save a resumable checkpoint when fit is stopped by Ctrl-C or SIGTERM."""
+"""Save a resumable checkpoint when fit is stopped by Ctrl-C or SIGTERM, and last.ckpt at the final step."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class SaveOnInterrupt(L.Callback):
         The stop waits for the end of the current optimizer step, so the checkpoint never holds half an
         accumulation window; every rank stops at the same step. A second Ctrl-C quits at once, without saving.
 
+        When training ends between two periodic saves of a ``ModelCheckpoint(save_last=True)``, this also saves
+        the final step's checkpoint: Lightning 2.6 saves last.ckpt at the end only if it saved nothing before.
+
         Args:
             filename: Checkpoint name, in the ModelCheckpoint folder (else default_root_dir/checkpoints); the
                 default last.ckpt is what `--ckpt_path last` resumes from.
@@ -33,11 +36,13 @@ class SaveOnInterrupt(L.Callback):
         self._requested: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._step = 0
+        self._checkpointed_step: int | None = None  # the step of this fit's newest checkpoint, by any callback
         self._saved = False
         self._announce = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._requested, self._saved, self._step = None, False, trainer.global_step
+        self._checkpointed_step = None
         self._announce = trainer.is_global_zero
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread; Lightning's SIGTERM handling stays
@@ -75,8 +80,18 @@ class SaveOnInterrupt(L.Callback):
             path = self._save(trainer)
             rank_zero_info(f"SIGTERM at step {trainer.global_step}: saved {path}. Resume with --ckpt_path last")
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._checkpointed_step = trainer.global_step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
+        # A fit of 45 steps that saves every 10 would otherwise leave last.ckpt at step 40: a resume would train
+        # steps 41-45 again, and an export would miss them. ModelCheckpoint's own end-of-training save (it runs
+        # after this hook) covers a fit in which nothing was saved yet.
+        saves_last = any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.checkpoint_callbacks)
+        behind = self._checkpointed_step not in (None, trainer.global_step)
+        if saves_last and behind and not trainer.fast_dev_run:
+            self._save(trainer)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
