@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/batching.py [--model builtin:smollm2-135m-instruct] [--random-init]
         [--device cpu|cuda] [--dtype float32|bfloat16] [--attn sdpa eager] [--dataset builtin:quickstart]
-        [--max-length 512] [--batch-size 8] [--batches 6]
+        [--max-length 512] [--batch-size 8] [--batches 6] [--masked]
 
 For each batching mode, times forward + backward of the label-only loss (LoRA r=16 on all linear layers)
 over the first batches of an epoch and prints real (non-padding) tokens/s and the padding share. Then it
 checks that the loss of one packed batch equals the token-weighted loss of its examples run one by one
 (transformers must keep packed examples apart), for each attention implementation asked for.
+On a CPU with sdpa, padded batches run without their padding and packed rows attend example by example, as
+`fit` runs them; --masked runs both through sdpa's kernel under a mask instead (as before 2026-12-02).
 --random-init builds the model from its config with random weights (same shapes and speed), for machines
 that only have the tokenizer files.
 """
@@ -24,20 +26,28 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.data.collate import packed_collate
 from smolfactory.model import resolve_model_path
+from smolfactory.model.build import attends_example_by_example, build_model
 from smolfactory.model.lora import apply_lora
 from smolfactory.model.loss import IGNORE_INDEX, label_token_loss
+from smolfactory.model.packed_attention import PACKED_SDPA
 
 MODES = {"padded": {}, "grouped": {"group_by_length": True}, "packed": {"packing": True}}
 
 
 def build_module(args: argparse.Namespace, attention: str) -> SFTModule:
     module = SFTModule(model_name=args.model, lora=LoraSettings(r=16), attn_implementation=attention)
+    on_cuda = args.device.startswith("cuda")
+    example_by_example = attends_example_by_example(module.model_settings, on_cuda) and not args.masked
     if args.random_init:  # same architecture, random weights: no weight files needed
         config = AutoConfig.from_pretrained(resolve_model_path(args.model), attn_implementation=attention)
         torch.manual_seed(0)
         module.model = apply_lora(AutoModelForCausalLM.from_config(config), LoraSettings(r=16))
-    else:
-        module.configure_model()
+        if example_by_example:
+            module.causal_lm.set_attn_implementation(PACKED_SDPA)
+    else:  # as fit builds it on this device
+        module.model = build_model(module.model_settings, module.lora, precision=None, on_cuda=on_cuda)
+    # --masked: every batch through sdpa's kernel, padding and packed rows masked, as before 2026-12-02
+    module.attends_example_by_example = example_by_example
     return module.to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
@@ -72,8 +82,8 @@ def time_mode(module: SFTModule, args: argparse.Namespace, mode: str) -> dict:
         if step == 1:  # the first batch warms up kernels and allocators
             synchronize(args.device)
             start = time.perf_counter()
-        loss_sum, count, _ = module.loss_terms(batch)
-        (loss_sum / count).backward()
+        loss = module.batch_sums(batch)["loss"]
+        (loss.total / loss.count).backward()
         if step >= 1:
             real += batch_real
             padded += batch["input_ids"].numel()
@@ -94,7 +104,7 @@ def isolation_gap(module: SFTModule, args: argparse.Namespace) -> tuple[float, f
     batch = to_device(packed_collate(rows, datamodule.tokenizer.pad_token_id), args.device)
     module.eval()
     with torch.no_grad():
-        packed_sum, packed_count, _ = module.loss_terms(batch)
+        packed_sum, packed_count = module.batch_sums(batch)["loss"]
         total, count = 0.0, 0
         for example in (example for row in rows for example in row):
             input_ids = torch.tensor([example["input_ids"]], device=args.device)
@@ -122,6 +132,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=6, help="timed batches per mode (after one warm-up)")
+    parser.add_argument("--masked", action="store_true", help="sdpa over padded and packed rows, masked, on a CPU too")
     args = parser.parse_args()
 
     print(f"{args.model} ({'random init' if args.random_init else 'pretrained'}), {args.device}, {args.dtype}")

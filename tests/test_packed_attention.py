@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
@@ -11,11 +10,10 @@ import torch.nn.functional as F
 
 from smolfactory import SFTModule
 from smolfactory.cli import SmolFactoryCLI
-from smolfactory.data.collate import packed_collate
+from smolfactory.data.collate import packed_collate, pad_collate
 from smolfactory.model import packed_attention
 from smolfactory.model.build import ModelSettings, attends_example_by_example
 from smolfactory.model.packed_attention import PACKED_SDPA, PackedLayout
-from smolfactory.model.precision import hardware_precision
 from tests.conftest import QUICKSTART, tiny_overrides
 
 HEADS, KV_HEADS, DIM = 6, 2, 16
@@ -51,12 +49,16 @@ def gradients(out, inputs, grad_out):
     return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
 
 
-@pytest.mark.parametrize("max_saved_length", [1024, 32])  # 32: the longer examples take torch's flash kernel
-def test_packed_attention_equals_each_example_alone(monkeypatch, max_saved_length):
+@pytest.mark.parametrize(
+    "dtype, max_saved_length",
+    [(torch.float64, 1024), (torch.float64, 32), (torch.float32, 1024)],
+    ids=["matrix-products", "longer-ones-flash", "float32-all-flash"],  # float32 keeps no probabilities: flash
+)
+def test_packed_attention_equals_each_example_alone(monkeypatch, dtype, max_saved_length):
     monkeypatch.setattr(packed_attention, "MAX_SAVED_LENGTH", max_saved_length)
     # Padded to 32, 64 and 96 tokens; the rows' padding (collate's, then ten more tokens) makes pieces too.
     position_ids = positions_of([[5, 40, 17], [80], [1, 2, 3, 33]], length=90)
-    inputs = random_qkv(*position_ids.shape)
+    inputs = random_qkv(*position_ids.shape, dtype=dtype)
     layout = PackedLayout.from_position_ids(position_ids)
     assert {(group.length, group.future is None) for group in layout.groups} == {
         (32, False),
@@ -102,25 +104,42 @@ def test_under_bf16_autocast_packed_attention_is_as_close_to_float64_as_masked_s
 
 def test_a_model_attends_example_by_example_only_where_it_pays():
     cpu = ModelSettings()
-    assert attends_example_by_example(cpu, on_cuda=False, precision="bf16-mixed")
-    assert attends_example_by_example(dataclasses.replace(cpu, dtype="bfloat16"), on_cuda=False, precision=None)
-    assert not attends_example_by_example(cpu, on_cuda=False, precision="32-true")  # measured no faster in float32
-    assert not attends_example_by_example(cpu, on_cuda=True, precision="bf16-mixed")
-    assert not attends_example_by_example(dataclasses.replace(cpu, compile=True), on_cuda=False, precision="bf16-mixed")
+    assert attends_example_by_example(cpu, on_cuda=False)
+    assert attends_example_by_example(dataclasses.replace(cpu, dtype="bfloat16"), on_cuda=False)
+    assert not attends_example_by_example(cpu, on_cuda=True)  # flash-attention's variable-length path is CUDA's
+    assert not attends_example_by_example(dataclasses.replace(cpu, compile=True), on_cuda=False)
     for other in ("eager", "flash_attention_2"):
-        settings = dataclasses.replace(cpu, attn_implementation=other)
-        assert not attends_example_by_example(settings, on_cuda=False, precision="bf16-mixed")
+        assert not attends_example_by_example(dataclasses.replace(cpu, attn_implementation=other), on_cuda=False)
 
 
-def test_a_model_attending_example_by_example_gives_sdpa_loss_and_gradients(tiny_model_dir):
+def example_batch(layout: str) -> dict[str, torch.Tensor]:
+    """Examples of 4 to 30 tokens packed into two rows, or one per row padded on the right or on the left."""
+    lengths = [[9, 30], [4, 8, 20]]
+    rows = [[{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in row] for row in lengths]
+    if layout == "packed":
+        return packed_collate(rows, pad_token_id=0)
+    batch = pad_collate([example for row in rows for example in row], pad_token_id=0)
+    if layout == "left-padded":  # as prompts are for generation: the same rows, the padding moved to the front
+        shift = batch["attention_mask"].shape[-1] - batch["attention_mask"].sum(-1)
+        batch["labels"][:, 0] = -100  # nothing precedes a row's first token: no position predicts it
+        batch = {key: torch.stack([row.roll(int(n)) for row, n in zip(value, shift, strict=True)])
+                 for key, value in batch.items()}  # fmt: skip
+    return batch
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "left-padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # matrix products / torch's flash kernel
+def test_a_model_attending_example_by_example_gives_sdpa_loss_and_gradients(tiny_model_dir, layout, dtype):
+    """Padded batches run without their padding, as one packed row: the same loss and gradients as masked sdpa."""
     module = SFTModule(model_name=tiny_model_dir, dtype="bfloat16")  # LoRA, as the quickstart trains
     module.configure_model()
     assert module.attends_example_by_example
     assert module.causal_lm.config._attn_implementation == PACKED_SDPA
-    module.model.float().eval()  # float32, to compare exactly; eval: no LoRA dropout, both passes alike
-    lengths = [[9, 30], [4, 8, 20]]
-    rows = [[{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in row] for row in lengths]
-    batch = packed_collate(rows, pad_token_id=0)
+    module.model.to(dtype).eval()  # to compare exactly; eval: no LoRA dropout, both passes alike
+    batch = example_batch(layout)
+    tokens = []
+    embed = module.causal_lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _, inputs, output: tokens.append(inputs[0].numel()))
 
     def loss_and_gradients(example_by_example: bool):
         module.attends_example_by_example = example_by_example  # False: no layout, so the model runs sdpa
@@ -133,28 +152,35 @@ def test_a_model_attending_example_by_example_gives_sdpa_loss_and_gradients(tiny
 
     packed_loss, packed_grads = loss_and_gradients(True)
     sdpa_loss, sdpa_grads = loss_and_gradients(False)
+    hook.remove()
     assert packed_loss == pytest.approx(sdpa_loss, rel=1e-6)
     for got, want in zip(packed_grads, sdpa_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
     assert any(grad.abs().sum() > 0 for grad in packed_grads)
+    padded = batch["input_ids"].numel()
+    assert tokens == [71 if layout != "packed" else padded, padded]  # 71 real tokens: no pad token ran
 
 
-def test_a_packed_fit_through_the_command_attends_example_by_example(tmp_path, tiny_model_dir, monkeypatch, caplog):
-    calls = []
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_fit_through_the_command_attends_example_by_example(tmp_path, tiny_model_dir, monkeypatch, packing):
+    """The shipped quickstart config as it is (its own precision), packed or padded: every layer attends through the
+    layout, and a padded batch runs only its real tokens."""
+    calls, tokens = [], []
     attend = PackedLayout.attend
 
-    def counting_attend(self, *args, **kwargs):
-        calls.append(len(self.groups))
-        return attend(self, *args, **kwargs)
+    def counting_attend(self, query, *args, **kwargs):
+        calls.append(query.shape[0] * query.shape[2])  # rows x tokens that attended
+        return attend(self, query, *args, **kwargs)
 
+    def counting_batch_sums(self, batch):
+        tokens.append(batch["input_ids"].numel() if packing else int(batch["attention_mask"].sum()))
+        return batch_sums(self, batch)
+
+    batch_sums = SFTModule.batch_sums
     monkeypatch.setattr(PackedLayout, "attend", counting_attend)
+    monkeypatch.setattr(SFTModule, "batch_sums", counting_batch_sums)
     overrides = tiny_overrides(tmp_path, tiny_model_dir, max_steps=2)
-    args = ["fit", "--config", QUICKSTART, "--config", overrides, "--data.packing=true"]
-    with caplog.at_level(logging.INFO):
-        SmolFactoryCLI(args=args)
+    SmolFactoryCLI(args=["fit", "--config", QUICKSTART, "--config", overrides, f"--data.packing={packing}"])
     assert (tmp_path / "final").is_dir()
-    if hardware_precision("cpu").precision == "32-true":  # no bf16 units: the config trains in float32
-        assert calls == []
-    else:
-        layers = 2  # the tiny model's decoder layers: each attends once per forward pass
-        assert calls and len(calls) % layers == 0
+    layers = 2  # the tiny model's decoder layers: each attends once per forward pass
+    assert calls and calls[::layers] == tokens  # (forward passes of training and validation alike)

@@ -101,7 +101,7 @@ def build_model(
             "label-only loss does not support yet; use a model without it (SmolLM, Qwen, Llama)"
         )
     model.train()  # from_pretrained returns eval mode, and Lightning keeps the modes it finds
-    if attends_example_by_example(settings, on_cuda, precision):
+    if attends_example_by_example(settings, on_cuda):
         causal_lm_of(model).set_attn_implementation(PACKED_SDPA)  # every call without a packed layout is sdpa
     if device_mesh is not None:
         shard_decoder_layers(model, causal_lm_of(model), device_mesh["data_parallel"])
@@ -111,12 +111,11 @@ def build_model(
     return model
 
 
-def attends_example_by_example(settings: ModelSettings, on_cuda: bool, precision: str | None) -> bool:
-    """Whether packed rows attend example by example (``packed_attention.py``): sdpa on a CPU, products in bf16 or
-    fp16 (in float32 it measured no faster and keeps float32 probabilities), not compiled (the examples' lengths
-    change every batch, and so would the compiled graph)."""
-    low_precision = compute_dtype(precision, settings.dtype) != torch.float32
-    return settings.attn_implementation == "sdpa" and not on_cuda and low_precision and not settings.compile
+def attends_example_by_example(settings: ModelSettings, on_cuda: bool) -> bool:
+    """Whether packed rows, and padded ones without their padding, attend example by example
+    (``packed_attention.py``): sdpa on a CPU, not compiled (the examples' lengths change every batch, and so would
+    the compiled graph)."""
+    return settings.attn_implementation == "sdpa" and not on_cuda and not settings.compile
 
 
 def load_base(settings: ModelSettings, name: str, precision: str | None) -> PreTrainedModel:

@@ -9,9 +9,12 @@ probabilities kept in the compute dtype for the backward pass. It is the CPU cou
 variable-length path. Examples longer than ``MAX_SAVED_LENGTH`` keep torch's flash kernel (causal, without a
 mask), whose memory does not grow with the square of their length.
 
+A padded batch takes the same path: ``without_padding`` lays its rows end to end without their padding, so no
+layer computes anything for a pad token (``RecipeModule.final_hidden_states``).
+
 The model runs this through transformers' ``AttentionInterface`` under the name ``PACKED_SDPA``; any call
-without a ``packed_layout`` (padded batches, generation) is exactly ``sdpa``. ``build.attends_example_by_example``
-decides where: sdpa on a CPU with products in bf16 or fp16 (in float32 it measured no faster), not compiled.
+without a ``packed_layout`` (generation, other kernels) is exactly ``sdpa``. ``build.attends_example_by_example``
+decides where: sdpa on a CPU, not compiled.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ class PackedLayout:
             kv_rows = group.rows(kv_heads)
             k = keys.index_select(0, kv_rows).view(count, kv_heads, size, dim)
             v = values.index_select(0, kv_rows).view(count, kv_heads, size, dim)
-            if group.future is None:
+            if group.future is None or dtype == torch.float32:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
             else:  # the query heads sharing a key head, laid end to end
                 out = CausalAttention.apply(q.view(count, kv_heads, -1, dim), k, v, group.future, scale)
@@ -151,6 +154,21 @@ class PackedLayout:
         head = torch.arange(heads, device=query.device)
         rows = (heads * self.example_start + self.slot)[:, None] + head * self.padded_length[:, None]
         return torch.cat(outputs).index_select(0, rows.flatten()).view(batch, length, heads, dim)
+
+
+def without_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A padded batch as one packed row: ``input_ids`` and ``position_ids`` ``[1, real tokens]`` (positions count
+    each row's real tokens from 0, as generation does), and the real tokens' places in the flattened batch.
+
+    Each row's real tokens must be one example, as the collators make them (padding on either side).
+    """
+    real = attention_mask.bool()
+    kept = real.flatten().nonzero().flatten()
+    positions = real.long().cumsum(-1) - 1
+    packed = {"input_ids": input_ids.flatten()[kept][None], "position_ids": positions.flatten()[kept][None]}
+    return packed, kept
 
 
 def packed_sdpa_attention(
