@@ -4,13 +4,15 @@
     .venv/bin/python benchmarks/throughput.py --dataset ../shared/data/alpaca_en_demo.json --examples 120
         [--model builtin:smollm2-135m-instruct] [--full] [--max-length 512] [--batch-size 4]
         [--precision 32-true|bf16-mixed] [--runs smolfactory smolfactory-packed trl-default trl-best]
-        [--max-steps N] [--memory] [--trl-reuse-freed]
+        [--max-steps N] [--memory] [--trl-reuse-freed] [--rounds N]
 
 Each run trains one epoch (or --max-steps optimizer steps) over the same examples (Alpaca rows or chat rows
 become one user and one assistant turn; only the assistant turn is trained) in a process of its own. It
 prints real (non-padding) tokens/s over the training loop, wall time, the peak memory the training loop
 added to the loaded model (CUDA: allocated bytes; CPU: resident set), the mean training loss as each tool
-logs it, the final loss, and the ratio to TRL's default configuration.
+logs it, the final loss, and the ratios to TRL's default and best configurations. A shared VM's speed can drift by
+10-30% within minutes, so `--rounds N` runs the list N times in turn (A B C, A B C) and prints, besides each
+round's table, the median speed of each run and the median of the ratios taken within each round.
 
 The final loss is one computation for every run: after training, the token mean of the cross-entropy over
 every example's assistant turn (the same rendering and the same mask), so that it does not depend on how
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -242,42 +245,74 @@ def main() -> None:
         action="store_true",
         help="TRL runs keep freed host memory for reuse too, as smolfactory's CPU fits do",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the list this many times in turn and print medians, each ratio taken within its round",
+    )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     args.precision = args.precision or hardware_precision(args.device).precision
     if args.run:
         run_one(args)
         return
-    results = {}
-    for name in args.runs:
-        command = [sys.executable, __file__, *sys.argv[1:], "--run", name]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.memory else None
-        process = subprocess.run(command, capture_output=True, text=True, env=env)
-        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-        if process.returncode or not lines:
-            print(f"{name}: failed\n{process.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[name] = json.loads(lines[-1][len("RESULT ") :])
-    print_table(args, results)
+    rounds = []
+    for _ in range(args.rounds):  # A B C, A B C: each round's runs close in time, whatever this VM's drift
+        results = {}
+        for name in args.runs:
+            command = [sys.executable, __file__, *sys.argv[1:], "--run", name]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.memory else None
+            process = subprocess.run(command, capture_output=True, text=True, env=env)
+            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+            if process.returncode or not lines:
+                print(f"{name}: failed\n{process.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results[name] = json.loads(lines[-1][len("RESULT ") :])
+        rounds.append(results)
+        print_table(args, results, f"round {len(rounds)} of {args.rounds}" if args.rounds > 1 else "")
+    if args.rounds > 1:
+        print_medians(rounds)
 
 
-def print_table(args: argparse.Namespace, results: dict[str, dict]) -> None:
+def speed(result: dict) -> float:
+    """Real tokens per second over the training loop."""
+    return result["tokens"] / result["train_seconds"]
+
+
+def paired_ratios(rounds: list[dict[str, dict]], name: str, baseline: str) -> list[float]:
+    """name's speed over baseline's, within each round that has both (never across rounds: the VM drifts)."""
+    return [speed(r[name]) / speed(r[baseline]) for r in rounds if name in r and baseline in r]
+
+
+def print_medians(rounds: list[dict[str, dict]]) -> None:
+    names = list(dict.fromkeys(name for results in rounds for name in results))
+    print(f"\nmedian over {len(rounds)} rounds (range in brackets); ratios are taken within each round\n")
+    print("| run | tokens/s | vs TRL default | vs TRL best |\n|---|---|---|---|")
+    for name in names:
+        speeds = [speed(r[name]) for r in rounds if name in r]
+        cells = [f"{statistics.median(speeds):.0f} ({min(speeds):.0f}-{max(speeds):.0f})"]
+        for baseline in ("trl-default", "trl-best"):
+            ratios = paired_ratios(rounds, name, baseline)
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def print_table(args: argparse.Namespace, results: dict[str, dict], title: str = "") -> None:
     method = "full fine-tuning" if args.full else "LoRA r=16 all-linear"
-    print(f"\n{args.model}, {method}, {args.precision} on {args.device}, {args.examples} examples of {args.dataset}, "
-          f"batch {args.batch_size}, max_length {args.max_length}"
+    print(f"\n{title + ': ' if title else ''}{args.model}, {method}, {args.precision} on {args.device}, "
+          f"{args.examples} examples of {args.dataset}, batch {args.batch_size}, max_length {args.max_length}"
           f"{'; TRL keeps freed host memory too' if args.trl_reuse_freed else ''}\n")  # fmt: skip
-    baseline = results.get("trl-default")
     columns = ["run", "real tokens", "trained tokens", "tokens/s", "train s", "wall s", "training peak MB",
-               "mean train loss", "final loss", "MFU"]  # fmt: skip
-    print("| " + " | ".join([*columns, "vs TRL default"]) + " |")
-    print("|---" * (len(columns) + 1) + "|")
+               "mean train loss", "final loss", "MFU", "vs TRL default", "vs TRL best"]  # fmt: skip
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     for name, r in results.items():
-        speed = r["tokens"] / r["train_seconds"]
-        ratio = f"{speed / (baseline['tokens'] / baseline['train_seconds']):.2f}x" if baseline else "-"
+        ratios = [f"{speed(r) / speed(results[b]):.2f}x" if b in results else "-" for b in ("trl-default", "trl-best")]
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
-        print(f"| {name} | {r['tokens']:,} | {r['trained_tokens']:,} | {speed:.0f} | {r['train_seconds']:.0f} | "
+        print(f"| {name} | {r['tokens']:,} | {r['trained_tokens']:,} | {speed(r):.0f} | {r['train_seconds']:.0f} | "
               f"{r['wall']:.0f} | {r['peak_mb']:,.0f} | {r['loss']:.4f} | {r['final_loss']:.4f} | {mfu} | "
-              f"{ratio} |")  # fmt: skip
+              f"{' | '.join(ratios)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

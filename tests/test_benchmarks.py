@@ -25,3 +25,23 @@ def test_batching_benchmark_runs_and_packed_examples_stay_apart(masked):
     isolation = re.search(r"^\| sdpa \| [\d.]+ \| ([\d.]+) \| ([\d.e+-]+) \|", done.stdout, flags=re.MULTILINE)
     alone, difference = isolation.groups()  # the examples' loss one by one, and the packed loss's distance to it
     assert 0.5 < float(alone) < 5 and float(difference) < 1e-4, done.stdout
+
+
+def test_throughput_ratios_are_taken_within_each_round(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    def run(tokens, seconds):
+        return {"tokens": tokens, "train_seconds": seconds}
+
+    # The VM ran twice as fast in round 2: across rounds, 300 / 50 would read as 6x; within them it is 2x and 3x.
+    rounds = [
+        {"smolfactory-packed": run(300, 2), "trl-default": run(150, 2), "trl-best": run(100, 1)},
+        {"smolfactory-packed": run(300, 1), "trl-default": run(100, 1)},  # trl-best failed in this round
+    ]
+    assert throughput.paired_ratios(rounds, "smolfactory-packed", "trl-default") == [2.0, 3.0]
+    assert throughput.paired_ratios(rounds, "smolfactory-packed", "trl-best") == [1.5]
+    throughput.print_medians(rounds)
+    table = capsys.readouterr().out
+    assert "| smolfactory-packed | 225 (150-300) | 2.50x (2.00-3.00) | 1.50x (1.50-1.50) |" in table
+    assert "| trl-best | 100 (100-100) | 1.33x (1.33-1.33) | 1.00x (1.00-1.00) |" in table  # 100 / 75 in round 1
