@@ -259,20 +259,26 @@ def main() -> None:
         return
     rounds = []
     for _ in range(args.rounds):  # A B C, A B C: each round's runs close in time, whatever this VM's drift
-        results = {}
-        for name in args.runs:
-            command = [sys.executable, __file__, *sys.argv[1:], "--run", name]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.memory else None
-            process = subprocess.run(command, capture_output=True, text=True, env=env)
-            lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-            if process.returncode or not lines:
-                print(f"{name}: failed\n{process.stderr[-3000:]}", file=sys.stderr)
-                continue
-            results[name] = json.loads(lines[-1][len("RESULT ") :])
-        rounds.append(results)
-        print_table(args, results, f"round {len(rounds)} of {args.rounds}" if args.rounds > 1 else "")
+        rounds.append(run_each(args))
+        print_table(args, rounds[-1], f"round {len(rounds)} of {args.rounds}" if args.rounds > 1 else "")
     if args.rounds > 1:
         print_medians(rounds)
+
+
+def run_each(args: argparse.Namespace) -> dict[str, dict]:
+    """Every run of ``--runs`` in a child process of its own, one after another; a failed run is reported and left
+    out."""
+    results = {}
+    for name in args.runs:
+        command = [sys.executable, __file__, *sys.argv[1:], "--run", name]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if args.memory else None
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        if process.returncode or not lines:
+            print(f"{name}: failed\n{process.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(lines[-1][len("RESULT ") :])
+    return results
 
 
 def speed(result: dict) -> float:
