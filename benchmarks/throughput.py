@@ -27,8 +27,10 @@ TRL runs: `trl-default` (SFTConfig defaults: padded batches, gradient checkpoint
 (packing, padding-free, no gradient checkpointing) and `trl-packed-ckpt` (packing, padding-free, gradient
 checkpointing). All use prompt-completion rows, so TRL trains the completion only, as smolfactory trains the
 assistant turn. Learning rate constant in all. smolfactory runs: padded, packed, packed with gradient
-checkpointing, and `smolfactory-packed-masked`: packed, with each row through sdpa's kernel under a
-block-diagonal mask instead of example by example (how CPU runs attended before 2026-12-02).
+checkpointing, `smolfactory-packed-masked`: packed, with each row through sdpa's kernel under a
+block-diagonal mask instead of example by example (how CPU runs attended before 2026-12-02), and
+`smolfactory-packed-compiled`: packed, with `compile=True` (each decoder layer compiled; the compiling is part of
+the training loop's time, and torch's compile cache in /tmp makes a rerun compile faster than a first run).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import torch
 from smolfactory.model.precision import hardware_precision
 
 RUNS = ["smolfactory", "smolfactory-packed", "trl-default", "trl-best"]
-MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt", "smolfactory-packed-masked"]
+MORE_RUNS = ["smolfactory-packed-ckpt", "trl-packed-ckpt", "smolfactory-packed-masked", "smolfactory-packed-compiled"]
 LEARNING_RATE = 2e-4
 
 
@@ -132,7 +134,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     lora = None if args.full else LoraSettings(r=16, alpha=32, dropout=0.0)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LEARNING_RATE, "weight_decay": 0.0}}
     module = SFTModule(model_name=args.model, lora=lora, optimizer=optimizer, lr_scheduler=None,
-                       gradient_checkpointing=checkpointing)  # fmt: skip
+                       gradient_checkpointing=checkpointing, compile=args.run.endswith("-compiled"))  # fmt: skip
     data = SFTDataModule(tokenizer=args.model, dataset=str(path), val_split=0, max_length=args.max_length,
                          batch_size=args.batch_size, packing=packing)  # fmt: skip
     throughput, memory = TokenThroughput(), TrainingMemory(args.device)

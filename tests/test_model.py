@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.errors import SmolFactoryError
+from smolfactory.model.build import CompiledForTraining
+from smolfactory.model.packed_attention import PackedLayout
+from smolfactory.model.sharding import decoder_layers
 from tests.conftest import adamw, fit
 
 
@@ -161,11 +164,24 @@ def test_fused_adamw_steps_equal_torch_reference_adamw(tiny_model_dir, tiny_data
 
 
 @pytest.mark.slow
-def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tiny_data, tmp_path):
-    losses = []
+def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """Each decoder layer compiled, the same losses, and attention example by example still running at every call
+    (between the compiled parts)."""
+    attend, calls = PackedLayout.attend, []
+
+    def counting_attend(self, *args, **kwargs):
+        calls.append(1)
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(PackedLayout, "attend", counting_attend)
+    losses, attention_calls = [], []
     for compiled in (False, True):
+        calls.clear()
         module = SFTModule(model_name=tiny_model_dir, lora=LoraSettings(r=4), optimizer=adamw(1e-2), compile=compiled)
         losses.append(fit(module, tiny_data, tmp_path, max_steps=3).losses)
+        attention_calls.append(len(calls))
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    assert module.model._compiled_call_impl is not None
+    assert attention_calls == [2 * 3, 2 * 3]  # 2 layers x 3 steps of one batch, compiled or not
+    layers = decoder_layers(module.model)
+    assert len(layers) == 2 and all(isinstance(layer.forward, CompiledForTraining) for layer in layers)
     assert all("_orig_mod" not in name for name in module.state_dict())  # checkpoint keys unchanged

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel, prepare_model_for_kbit_training
@@ -25,7 +26,7 @@ from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_mo
 from smolfactory.model.lora import LoraSettings, apply_lora
 from smolfactory.model.packed_attention import PACKED_SDPA
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
-from smolfactory.model.sharding import shard_decoder_layers
+from smolfactory.model.sharding import decoder_layers, shard_decoder_layers
 
 # Config keys of models that rescale or soft-cap their logits after the LM head (Gemma 2/3, Cohere,
 # Granite); the label-only loss calls the LM head directly and would skip that step.
@@ -52,7 +53,7 @@ class ModelSettings:
     freeze_embeddings: bool = False
     """Full fine-tuning only: keep the input embeddings (and a tied LM head) frozen."""
     compile: bool = False
-    """torch.compile the model in place (parameter names unchanged)."""
+    """torch.compile each decoder layer in place (parameter names unchanged; ``compile_decoder_layers``)."""
 
 
 def build_model(
@@ -106,16 +107,42 @@ def build_model(
     if device_mesh is not None:
         shard_decoder_layers(model, causal_lm_of(model), device_mesh["data_parallel"])
     if settings.compile:
-        # In place (nn.Module.compile): parameter names, and so checkpoints and exports, stay as they are.
-        model.compile()
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model: PreTrainedModel | PeftModel) -> None:
+    """torch.compile each decoder layer's training steps ("regional compilation"), or the whole model's if it has
+    no list of decoder layers. The layers run the same code, so they share one compiled graph: compiling costs
+    one layer's time, not the whole model's. Attention that runs outside torch.compile (packed rows example by
+    example) stays eager between the compiled parts. Parameter names, and so checkpoints and exports, stay as
+    they are."""
+    causal_lm = causal_lm_of(model)
+    layers = decoder_layers(causal_lm)
+    if layers and not causal_lm.get_input_embeddings().weight.requires_grad:
+        # Frozen embeddings (LoRA) would give the first layer inputs without gradients and a graph of its own to
+        # compile; with them all layers share one (the extra gradient stops at the embeddings: ~1% of a step).
+        causal_lm.enable_input_require_grads()
+    for module in layers or [model]:
+        module.forward = CompiledForTraining(module.forward)
+
+
+class CompiledForTraining:
+    """A forward compiled for training (gradients on) and eager otherwise: validation and generation would each
+    compile graphs of their own (no gradients, a cache, other shapes), minutes on a CPU, for little gain."""
+
+    def __init__(self, forward: Callable) -> None:
+        self.eager = forward
+        self.compiled = torch.compile(forward, dynamic=True)  # packed and unpadded batches change length
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.compiled if torch.is_grad_enabled() else self.eager)(*args, **kwargs)
 
 
 def attends_example_by_example(settings: ModelSettings, on_cuda: bool) -> bool:
     """Whether packed rows, and padded ones without their padding, attend example by example
-    (``packed_attention.py``): sdpa on a CPU, not compiled (the examples' lengths change every batch, and so would
-    the compiled graph)."""
-    return settings.attn_implementation == "sdpa" and not on_cuda and not settings.compile
+    (``packed_attention.py``): sdpa on a CPU, compiled or not (it runs outside torch.compile)."""
+    return settings.attn_implementation == "sdpa" and not on_cuda
 
 
 def load_base(settings: ModelSettings, name: str, precision: str | None) -> PreTrainedModel:

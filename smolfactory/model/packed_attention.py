@@ -14,7 +14,9 @@ layer computes anything for a pad token (``RecipeModule.final_hidden_states``).
 
 The model runs this through transformers' ``AttentionInterface`` under the name ``PACKED_SDPA``; any call
 without a ``packed_layout`` (generation, other kernels) is exactly ``sdpa``. ``build.attends_example_by_example``
-decides where: sdpa on a CPU, not compiled.
+decides where: sdpa on a CPU, compiled or not. It runs outside torch.compile (a compiled layer calls it eagerly
+between its compiled parts): its work depends on the examples' lengths, which change every batch, and a traced
+copy would compile again for each new set of them.
 """
 
 from __future__ import annotations
@@ -184,5 +186,5 @@ def packed_sdpa_attention(
     return layout.attend(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
 
 
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionInterface.register(PACKED_SDPA, torch.compiler.disable(packed_sdpa_attention))
 AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)

@@ -30,10 +30,11 @@ def is_sharded(state_dict: dict) -> bool:
     )
 
 
-def decoder_layer_class_names(model: torch.nn.Module) -> set[str]:
-    """The class of the model's decoder layers: the elements of its largest list of modules of one class (a
-    causal LM's ``layers``), found from the module tree alone, so any architecture works without naming it."""
-    best, best_size = None, 0
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: its largest list of modules of one class (a causal LM's ``layers``), found
+    from the module tree alone, so any architecture works without naming it; empty if it has no such list."""
+    best: list[torch.nn.Module] = []
+    best_size = 0
     for modules in model.modules():
         if not isinstance(modules, torch.nn.ModuleList) or len(modules) < 2:
             continue
@@ -41,13 +42,24 @@ def decoder_layer_class_names(model: torch.nn.Module) -> set[str]:
             continue
         size = sum(parameter.numel() for parameter in modules.parameters())
         if size > best_size:
-            best, best_size = type(modules[0]).__name__, size
-    if best is None:
+            best, best_size = list(modules), size
+    return best
+
+
+def shardable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``decoder_layers``, refusing a model that has none."""
+    layers = decoder_layers(model)
+    if not layers:
         raise SmolFactoryError(
             f"{type(model).__name__} has no list of decoder layers of one class, so it cannot be sharded layer by "
             "layer; use DDP"
         )
-    return {best}
+    return layers
+
+
+def decoder_layer_class_names(model: torch.nn.Module) -> set[str]:
+    """The class name of the model's decoder layers (``decoder_layers``)."""
+    return {type(shardable_layers(model)[0]).__name__}
 
 
 def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh: DeviceMesh) -> None:
@@ -56,9 +68,7 @@ def shard_decoder_layers(root: torch.nn.Module, causal_lm: PreTrainedModel, mesh
     The root group keeps its weights gathered between forward and backward (FSDP2's default for the
     root), which the label-only loss relies on: it calls the LM head after the model's forward.
     """
-    classes = decoder_layer_class_names(causal_lm)
-    layers = [module for module in causal_lm.modules() if type(module).__name__ in classes]
-    for layer in layers:
+    for layer in shardable_layers(causal_lm):
         fully_shard(layer, mesh=mesh)
     fully_shard(root, mesh=mesh)
 
