@@ -255,6 +255,8 @@ def main() -> None:
     )
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
+    if len(set(args.runs)) < len(args.runs):  # one result per name: a repeated run would replace the first silently
+        parser.error(f"--runs names a run twice ({' '.join(args.runs)}); to repeat the list, use --rounds N")
     args.precision = args.precision or hardware_precision(args.device).precision
     if args.run:
         run_one(args)

@@ -45,3 +45,10 @@ def test_throughput_ratios_are_taken_within_each_round(capsys):
     table = capsys.readouterr().out
     assert "| smolfactory-packed | 225 (150-300) | 2.50x (2.00-3.00) | 1.50x (1.50-1.50) |" in table
     assert "| trl-best | 100 (100-100) | 1.33x (1.33-1.33) | 1.00x (1.00-1.00) |" in table  # 100 / 75 in round 1
+
+
+def test_throughput_refuses_a_run_named_twice():
+    """Results are kept by run name: a second run of one name would replace the first without a word."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--runs", "trl-best", "trl-best"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--runs names a run twice" in done.stderr and "--rounds" in done.stderr
