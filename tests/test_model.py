@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
+from peft.tuners import lora
 from transformers import AutoModelForCausalLM
 
 from smolfactory import LoraSettings, SFTModule
 from smolfactory.callbacks import HFExport
 from smolfactory.errors import SmolFactoryError
-from smolfactory.model.build import CompiledForTraining
+from smolfactory.model.build import CompiledForTraining, ModelSettings, build_model, load_base
+from smolfactory.model.lora import apply_lora
 from smolfactory.model.packed_attention import PackedLayout
 from smolfactory.model.sharding import decoder_layers
 from tests.conftest import adamw, fit
@@ -185,3 +188,32 @@ def test_compiled_model_trains_like_the_eager_one(tiny_model_dir, tiny_data, tmp
     layers = decoder_layers(module.model)
     assert len(layers) == 2 and all(isinstance(layer.forward, CompiledForTraining) for layer in layers)
     assert all("_orig_mod" not in name for name in module.state_dict())  # checkpoint keys unchanged
+
+
+def test_adapters_skip_their_input_cast_under_autocast_with_the_same_gradients(tiny_model_dir):
+    """Under autocast peft's cast of an adapter's input to float32 is undone by the product's cast to bf16, so
+    skipping it must leave the loss and every gradient bit for bit as peft computes them; without autocast the
+    cast stays (a bf16 base under float32 adapters needs it)."""
+    settings = ModelSettings(tiny_model_dir)
+    ours = build_model(settings, LoraSettings(r=4))
+    peft_as_is = apply_lora(load_base(settings, tiny_model_dir, None), LoraSettings(r=4))
+    torch.manual_seed(0)
+    with torch.no_grad():  # nonzero B matrices, so that every adapter weight gets a gradient
+        for name, value in ours.named_parameters():
+            value.copy_(torch.randn_like(value) * 0.1 if "lora_B" in name else value)
+    peft_as_is.load_state_dict(ours.state_dict())
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    grads = []
+    for model in (ours, peft_as_is):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    adapters = [layer for layer in ours.modules() if isinstance(layer, lora.Linear)]
+    assert adapters and not any(layer.cast_input_dtype_enabled for layer in adapters)
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[1]) and len(grads[0]) == len(grads[1])
+    assert all(grad.abs().sum() > 0 for grad in grads[0].values())
+
+    bf16_base = build_model(dataclasses.replace(settings, dtype="bfloat16"), LoraSettings(r=4))
+    assert bf16_base(input_ids=input_ids).logits.dtype == torch.bfloat16  # float32 adapters, no autocast: cast kept
+    assert all(layer.cast_input_dtype_enabled for layer in bf16_base.modules() if isinstance(layer, lora.Linear))

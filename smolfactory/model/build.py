@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from smolfactory.errors import SmolFactoryError
 from smolfactory.model.kernels import apply_liger_kernels
 from smolfactory.model.loading import DEFAULT_MODEL, adapter_base_model, load_model, resolve_model_path
-from smolfactory.model.lora import LoraSettings, apply_lora
+from smolfactory.model.lora import LoraSettings, apply_lora, skip_input_casts_under_autocast
 from smolfactory.model.packed_attention import PACKED_SDPA
 from smolfactory.model.precision import Quantization, WeightsDtype, bnb_config, check_combination, compute_dtype
 from smolfactory.model.sharding import decoder_layers, shard_decoder_layers
@@ -93,6 +93,7 @@ def build_model(
         if lora is None:
             model = model.merge_and_unload()
             model.requires_grad_(True)
+    skip_input_casts_under_autocast(model)
     if settings.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     postprocessing = [key for key in LOGIT_POSTPROCESSING if getattr(model.config, key, None) not in (None, 1.0)]
