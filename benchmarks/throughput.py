@@ -141,7 +141,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
 
     class Record(L.Callback):
         losses: list[float] = []
-        tokens = 0
+        tokens = trained = 0
 
         def on_train_start(self, trainer, pl_module):
             if args.run == "smolfactory-packed-masked":  # sdpa's kernel over each whole row, block-diagonal mask
@@ -152,6 +152,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(trainer.callback_metrics["train_loss"].item())
             self.tokens += int(real_tokens(batch))
+            self.trained += int((batch["labels"][:, 1:] != -100).sum())  # a label is predicted from the token before
 
     record = Record()
     trainer = L.Trainer(
@@ -164,10 +165,9 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     wall = time.perf_counter() - start
-    trained = sum(sum(1 for t in e["labels"] if t != -100) for e in data.train_data)
     peak_mb = memory.peak_mb()
-    return {"tokens": record.tokens, "trained_tokens": trained, "train_seconds": throughput._seconds, "wall": wall,
-            "peak_mb": peak_mb, "loss": sum(record.losses) / len(record.losses),
+    return {"tokens": record.tokens, "trained_tokens": record.trained, "train_seconds": throughput._seconds,
+            "wall": wall, "peak_mb": peak_mb, "loss": sum(record.losses) / len(record.losses),
             "final_loss": final_loss(module.model, data.tokenizer, pairs, args.max_length, args.device),
             "mfu": throughput.metrics(1)["train_mfu"]}  # fmt: skip
 
@@ -207,8 +207,9 @@ def run_trl(args: argparse.Namespace, pairs: list[dict], packing: bool, checkpoi
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[StartMemory()])  # fmt: skip
     steps = args.max_steps or len(trainer.get_train_dataloader())
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"][: steps * args.batch_size])
-    trained = sum(sum(1 for t in labels if t != -100) for labels in trainer.train_dataset["labels"])
+    rows = trainer.train_dataset[: steps * args.batch_size]  # as many rows as the steps take (its sampler picks which)
+    tokens = sum(len(ids) for ids in rows["input_ids"])
+    trained = sum(sum(1 for t in labels if t != -100) for labels in rows["labels"])
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
