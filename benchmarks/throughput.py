@@ -123,7 +123,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
 
     from smolfactory import LoraSettings, SFTDataModule, SFTModule
     from smolfactory.callbacks import HostMemory, TokenThroughput
-    from smolfactory.callbacks.throughput import real_tokens
+    from smolfactory.callbacks.throughput import label_tokens, real_tokens
 
     folder = Path(tempfile.mkdtemp())
     path = folder / "rows.jsonl"
@@ -152,7 +152,7 @@ def run_smolfactory(args: argparse.Namespace, pairs: list[dict], packing: bool, 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(trainer.callback_metrics["train_loss"].item())
             self.tokens += int(real_tokens(batch))
-            self.trained += int((batch["labels"][:, 1:] != -100).sum())  # a label is predicted from the token before
+            self.trained += int(label_tokens(batch))
 
     record = Record()
     trainer = L.Trainer(
