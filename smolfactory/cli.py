@@ -37,8 +37,12 @@ from smolfactory.model.recipe import RecipeModule
 from smolfactory.model.sft import SFTModule
 from smolfactory.run_folder import add_run_defaults, prepare_run
 
-# Attribute docstrings of dataclasses (LoraSettings) become the help of their YAML keys.
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# The settings dataclasses (LoraSettings, the losses, DatasetSource, Reward) document their YAML keys in an
+# ``Attributes:`` section of the class docstring, which jsonargparse reads with the rest of it. Docstrings under
+# each field would need jsonargparse's attribute-docstring parsing, which reads and tokenizes the source of every
+# class in the schema (the Trainer's and LightningModule's whole classes, for each subcommand): a second more for
+# every command.
+set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
 
 class SmolFactoryTrainer(L.Trainer):

@@ -48,17 +48,20 @@ NOT_COLUMNS = ("prompt", "completion", "completion_ids")
 
 @dataclass(frozen=True)
 class Reward:
-    """One reward in ``model.rewards``: a function, its weight in the total, and arguments bound to it."""
+    """One reward in ``model.rewards``: a function, its weight in the total, and arguments bound to it.
+
+    Attributes:
+        function: Import path of the function: ``smolfactory.rewards.exact_answer``, ``my_rewards.is_polite`` (a module
+            on the python path or in the directory you run from), or the bare name of a reward shipped in this module.
+        weight: Its weight in the total reward (applied by the model, not by ``score``).
+        arguments: Extra keyword arguments bound to the function, e.g. ``{pattern: ...}`` for ``format_match``.
+        name: The name in metric names (``reward_<name>``); the function's own name when not given.
+    """
 
     function: str
-    """Import path of the function: ``smolfactory.rewards.exact_answer``, ``my_rewards.is_polite`` (a module on
-    the python path or in the directory you run from), or the bare name of a reward shipped in this module."""
     weight: float = 1.0
-    """Its weight in the total reward (applied by the model, not by ``score``)."""
     arguments: dict[str, Any] | None = None
-    """Extra keyword arguments bound to the function, e.g. ``{pattern: ...}`` for ``format_match``."""
     name: str | None = None
-    """The name in metric names (``reward_<name>``); the function's own name when not given."""
 
     def __post_init__(self) -> None:
         # Frozen, so the default name is set once here and `reward.name` is always a string afterwards.

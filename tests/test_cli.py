@@ -18,7 +18,7 @@ import yaml
 from smolfactory.cli import SmolFactoryCLI, main
 from smolfactory.data.sources import builtin_split_path
 from smolfactory.errors import SmolFactoryError
-from tests.conftest import DPO_QUICKSTART, QUICKSTART, tiny_overrides
+from tests.conftest import DPO_QUICKSTART, QUICKSTART, ROOT, tiny_overrides
 
 
 @pytest.mark.slow
@@ -38,15 +38,50 @@ def test_print_config_documents_every_option(capsys):
     assert "tokenizer" not in data  # linked from model.model_name
     assert config["export"]["dirname"] == "final"
     assert "optimizer" not in config and "lr_scheduler" not in config
-    # Every key of our own sections comes right after a comment with its help and type.
+    assert_every_key_has_help(printed)
+
+
+def assert_every_key_has_help(printed: str) -> None:
+    """Every key of our own sections (model and data) comes right after a comment with its help and type."""
     lines = printed.splitlines()
     start = lines.index("model:")
     end = next(i for i, line in enumerate(lines) if line.startswith("ckpt_path"))
+    free_form_indent = None  # inside a dict value (a reward's arguments): its keys are the user's, not options
     for index in range(start + 1, end):
-        key = re.match(r"^\s+([a-z_]+):", lines[index])
-        if key and key.group(1) not in ("class_path", "init_args"):  # init_args: the class docstring
-            comment = lines[index - 1]
-            assert re.match(r"^\s+# \S.* \((required, )?type: .+\)$", comment), (key.group(1), comment)
+        key = re.match(r"^(\s+)([a-z_]+):", lines[index])
+        if not key or (free_form_indent is not None and len(key.group(1)) > free_form_indent):
+            continue
+        free_form_indent = len(key.group(1)) if key.group(2) == "arguments" else None
+        if key.group(2) in ("class_path", "init_args"):  # init_args: the class docstring
+            continue
+        comment = lines[index - 1]
+        following = next(line for line in lines[index + 1 :] if line.strip())
+        if len(following) - len(following.lstrip()) > len(key.group(1)):  # a group (sampling): its help, no type
+            assert re.match(r"^\s+# \S", comment), (key.group(2), comment)
+        else:
+            assert re.match(r"^\s+# \S.* \((required, )?type: .+\)$", comment), (key.group(2), comment)
+
+
+LOSSES = "smolfactory.model.preference_losses"
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("configs/dpo_quickstart.yaml", []),
+        ("configs/dpo_quickstart.yaml", [f"--model.loss={LOSSES}.SimPOLoss"]),
+        ("configs/dpo_quickstart.yaml", [f"--model.loss={LOSSES}.ORPOLoss"]),
+        ("configs/grpo_quickstart.yaml", []),
+        ("configs/grpo_quickstart.yaml", ["--model.loss=smolfactory.model.policy_losses.CISPOLoss"]),
+    ],
+    ids=["dpo", "simpo", "orpo", "grpo", "cispo"],
+)
+def test_print_config_documents_every_option_of_each_recipe_and_loss(capsys, config, overrides):
+    # The settings dataclasses (LoRA, losses, sampling, rewards) carry their keys' help in their docstrings.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / config), *overrides, "--print_config"])
+    assert exit_info.value.code == 0
+    assert_every_key_has_help(capsys.readouterr().out)
 
 
 @pytest.mark.slow

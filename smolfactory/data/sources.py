@@ -53,24 +53,27 @@ register_type(DatasetPath, serializer=str, deserializer=_dataset_path)
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """One dataset to train on, and how much of it."""
+    """One dataset to train on, and how much of it.
+
+    Attributes:
+        path: Hub dataset id, local json/jsonl/parquet/csv file, or a built-in dataset (builtin:quickstart).
+        name: Hub dataset configuration (subset) name.
+        split: Split to read (Hub datasets; local files have one split).
+        revision: Hub dataset revision: a branch, tag or commit.
+        format: Row layout of this dataset; null uses data.format.
+        columns: Column renames of this dataset; null uses data.columns.
+        weight: Mixing weight: the dataset contributes weight x its examples (0.5 half of them, 2 each one twice).
+        num_samples: Mixing by count: exactly this many examples from the dataset, repeating it if needed.
+    """
 
     path: str
-    """Hub dataset id, local json/jsonl/parquet/csv file, or a built-in dataset (builtin:quickstart)."""
     name: str | None = None
-    """Hub dataset configuration (subset) name."""
     split: str = "train"
-    """Split to read (Hub datasets; local files have one split)."""
     revision: str | None = None
-    """Hub dataset revision: a branch, tag or commit."""
     format: Format | None = None
-    """Row layout of this dataset; null uses data.format."""
     columns: dict[str, str] | None = None
-    """Column renames of this dataset; null uses data.columns."""
     weight: float | None = None
-    """Mixing weight: the dataset contributes weight x its examples (0.5 half of them, 2 each one twice)."""
     num_samples: int | None = None
-    """Mixing by count: exactly this many examples from the dataset, repeating it if needed."""
 
     def __post_init__(self) -> None:
         if (self.weight is not None and self.weight <= 0) or (self.num_samples is not None and self.num_samples < 1):

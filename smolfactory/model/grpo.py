@@ -55,20 +55,25 @@ ROLLOUT_METRICS = (
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """How completions are sampled from the policy."""
+    """How completions are sampled from the policy.
+
+    Attributes:
+        num_generations: Completions per prompt (the group whose rewards are compared); at least 2.
+        max_completion_length: Most tokens generated per completion; one that reaches it without ending is truncated.
+        temperature: Sampling temperature; the loss's log-probabilities are of the same tempered distribution (as
+            TRL's).
+        top_p: Nucleus sampling: draw from the smallest set of tokens whose probabilities add up to top_p (1: all).
+        top_k: Draw from the k likeliest tokens only; 0: no top-k filtering.
+        mask_truncated_completions: Leave truncated completions out of the loss (DAPO): their unfinished answers get no
+            credit or blame.
+    """
 
     num_generations: int = 8
-    """Completions per prompt (the group whose rewards are compared); at least 2."""
     max_completion_length: int = 256
-    """Most tokens generated per completion; one that reaches it without ending is truncated."""
     temperature: float = 1.0
-    """Sampling temperature; the loss's log-probabilities are of the same tempered distribution (as TRL's)."""
     top_p: float = 1.0
-    """Nucleus sampling: draw from the smallest set of tokens whose probabilities add up to top_p (1: all)."""
     top_k: int = 0
-    """Draw from the k likeliest tokens only; 0: no top-k filtering."""
     mask_truncated_completions: bool = False
-    """Leave truncated completions out of the loss (DAPO): their unfinished answers get no credit or blame."""
 
     def check(self) -> None:
         if self.num_generations < 2:

@@ -15,22 +15,27 @@ from smolfactory.errors import SmolFactoryError
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Low-rank adapters on the model's linear layers (the base weights stay frozen)."""
+    """Low-rank adapters on the model's linear layers (the base weights stay frozen).
+
+    Attributes:
+        r: Rank of each adapter's update matrices.
+        alpha: Scaling numerator: an adapter's update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
+        dropout: Dropout on the adapter's input during training.
+        target_modules: Layers with adapters: all-linear (all but the LM head), attention, or a list such as [q_proj,
+            v_proj].
+        use_dora: DoRA: also learn each weight's magnitude (weight-decomposed LoRA); slower, often better at low rank.
+        use_rslora: Rank-stabilised LoRA: scale by alpha / sqrt(r), so larger ranks keep learning.
+        modules_to_save: Modules trained in full beside the adapters and saved with them, e.g. [lm_head] or
+            [embed_tokens].
+    """
 
     r: int = 16
-    """Rank of each adapter's update matrices."""
     alpha: int = 32
-    """Scaling numerator: an adapter's update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
     dropout: float = 0.0
-    """Dropout on the adapter's input during training."""
     target_modules: str | list[str] = "all-linear"
-    """Layers with adapters: all-linear (all but the LM head), attention, or a list such as [q_proj, v_proj]."""
     use_dora: bool = False
-    """DoRA: also learn each weight's magnitude (weight-decomposed LoRA); slower, often better at low rank."""
     use_rslora: bool = False
-    """Rank-stabilised LoRA: scale by alpha / sqrt(r), so larger ranks keep learning."""
     modules_to_save: list[str] | None = None
-    """Modules trained in full beside the adapters and saved with them, e.g. [lm_head] or [embed_tokens]."""
 
     def check(self) -> None:
         """Raise a one-line error for values peft would reject later, deep inside model building."""

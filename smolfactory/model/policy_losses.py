@@ -111,17 +111,19 @@ class GRPOLoss(PolicyLoss):
 
     ``loss = -min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A) + beta * KL`` per token, where
     ``ratio`` is p_policy / p_old of the token.
+
+    Attributes:
+        loss_type: How token losses become a loss (see the module's table): dapo (TRL's default) weighs every token of
+            the step alike; grpo every completion alike; dr_grpo divides by a constant; bnpo per micro-batch.
+        epsilon: Lower clipping bound of the ratio: 1 - epsilon.
+        epsilon_high: Upper clipping bound, 1 + epsilon_high; None: epsilon (DAPO's clip-higher uses 0.28).
+        beta: Weight of the KL penalty to the reference model; 0 loads no reference (TRL's default).
     """
 
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    """How token losses become a loss (see the module's table): dapo (TRL's default) weighs every token of the
-    step alike; grpo every completion alike; dr_grpo divides by a constant; bnpo per micro-batch."""
     epsilon: float = 0.2
-    """Lower clipping bound of the ratio: 1 - epsilon."""
     epsilon_high: float | None = None
-    """Upper clipping bound, 1 + epsilon_high; None: epsilon (DAPO's clip-higher uses 0.28)."""
     beta: float = 0.0
-    """Weight of the KL penalty to the reference model; 0 loads no reference (TRL's default)."""
 
     METRICS: ClassVar[tuple[str, ...]] = (
         "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "clip_ratio_low_min", "clip_ratio_high_max",
@@ -169,12 +171,14 @@ class CISPOLoss(PolicyLoss):
     above and not differentiated, so that no token's gradient is dropped by clipping. Token-weighted like DAPO.
 
     ``loss = -min(ratio, epsilon_high).detach() * A * log p_policy + beta * KL`` per token.
+
+    Attributes:
+        epsilon_high: Upper bound of the importance weight (the paper's and TRL's recommended 5.0).
+        beta: Weight of the KL penalty to the reference model; 0 loads no reference.
     """
 
     epsilon_high: float = 5.0
-    """Upper bound of the importance weight (the paper's and TRL's recommended 5.0)."""
     beta: float = 0.0
-    """Weight of the KL penalty to the reference model; 0 loads no reference."""
 
     METRICS: ClassVar[tuple[str, ...]] = ("cispo_clip_ratio",)
     count_name = "tokens"

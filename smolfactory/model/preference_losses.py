@@ -180,18 +180,21 @@ def check_loss_settings(loss_type: str, beta: float, label_smoothing: float) -> 
 
 @dataclass(frozen=True)
 class DPOLoss(PreferenceLoss):
-    """DPO and the pairwise variants of TRL's DPOTrainer, on log-ratios to a reference model."""
+    """DPO and the pairwise variants of TRL's DPOTrainer, on log-ratios to a reference model.
+
+    Attributes:
+        beta: Strength of the pull towards the reference model (IPO's tau); 0.1 is TRL's default.
+        loss_type: sigmoid (DPO), ipo, hinge, robust, exo_pair, bco_pair, nca_pair, sppo_hard, apo_zero, apo_down or
+            sigmoid_norm, with TRL's formulas.
+        label_smoothing: Probability that a pair's preference is wrong: conservative DPO with sigmoid, or the robust and
+            exo_pair losses.
+    """
 
     needs_reference: ClassVar[bool] = True
 
     beta: float = 0.1
-    """Strength of the pull towards the reference model (IPO's tau); 0.1 is TRL's default."""
     loss_type: DPOLossType = "sigmoid"
-    """sigmoid (DPO), ipo, hinge, robust, exo_pair, bco_pair, nca_pair, sppo_hard, apo_zero, apo_down or
-    sigmoid_norm, with TRL's formulas."""
     label_smoothing: float = 0.0
-    """Probability that a pair's preference is wrong: conservative DPO with sigmoid, or the robust and exo_pair
-    losses."""
 
     def __post_init__(self) -> None:
         check_loss_settings(self.loss_type, self.beta, self.label_smoothing)
@@ -233,6 +236,11 @@ class ORPOLoss(PreferenceLoss):
 
     Rewards are beta times the per-token mean log-probabilities (TRL's), and ``logps_chosen``/``logps_rejected`` in
     ``extra`` are those means too: TRL's ORPO logs per-token means where its DPO logs sums.
+
+    Attributes:
+        beta: Weight of the odds-ratio term against the NLL (the paper's lambda); 0.1 is TRL's default.
+        nll_on_prompt: The NLL covers the chosen sequences' prompt tokens too, as TRL computes it; false: only the
+            chosen answers' trained tokens (the paper's SFT term).
     """
 
     EXTRA_METRICS: ClassVar[tuple[str, ...]] = (
@@ -240,10 +248,7 @@ class ORPOLoss(PreferenceLoss):
     )  # fmt: skip
 
     beta: float = 0.1
-    """Weight of the odds-ratio term against the NLL (the paper's lambda); 0.1 is TRL's default."""
     nll_on_prompt: bool = True
-    """The NLL covers the chosen sequences' prompt tokens too, as TRL computes it; false: only the chosen answers'
-    trained tokens (the paper's SFT term)."""
 
     def __post_init__(self) -> None:
         _check_positive("beta", self.beta)
@@ -285,16 +290,18 @@ class SimPOLoss(PreferenceLoss):
     ``loss_type="simpo"``, ``cpo_alpha=0``, ``beta=beta`` and ``simpo_gamma=gamma_beta_ratio * beta`` (TRL's own
     defaults, beta 0.1 and simpo_gamma 0.5, are not SimPO's). Rewards are beta times the per-token means, and
     ``logps_chosen``/``logps_rejected`` in ``extra`` are those means too (TRL's CPO logs means, not sums).
+
+    Attributes:
+        beta: Scale of the reward margin; the SimPO paper uses 2.0 to 2.5 (10 for Gemma).
+        gamma_beta_ratio: Target margin over beta; the paper tunes it in 0.3 to 0.8.
+        label_smoothing: Probability that a pair's preference is wrong (the conservative mix of cDPO).
     """
 
     EXTRA_METRICS: ClassVar[tuple[str, ...]] = ("logps_chosen", "logps_rejected")
 
     beta: float = 2.0
-    """Scale of the reward margin; the SimPO paper uses 2.0 to 2.5 (10 for Gemma)."""
     gamma_beta_ratio: float = 0.5
-    """Target margin over beta; the paper tunes it in 0.3 to 0.8."""
     label_smoothing: float = 0.0
-    """Probability that a pair's preference is wrong (the conservative mix of cDPO)."""
 
     def __post_init__(self) -> None:
         _check_positive("beta", self.beta)
