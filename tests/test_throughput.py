@@ -10,7 +10,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from smolfactory import LoraSettings, SFTDataModule, SFTModule
 from smolfactory.callbacks import TokenThroughput
-from smolfactory.callbacks.throughput import attention_flops_per_pair, attention_pairs, flops_per_token, real_tokens
+from smolfactory.callbacks.throughput import (
+    attention_flops_per_pair,
+    attention_pairs,
+    flops_per_token,
+    measure_matmul_peak,
+    real_tokens,
+)
 from smolfactory.data.collate import packed_collate, pad_collate
 from smolfactory.model.lora import apply_lora
 from tests.conftest import chat, write_jsonl
@@ -102,3 +108,9 @@ def test_fit_logs_tokens_per_second_and_mfu(tiny_model_dir, tmp_path):
     seconds = throughput._tokens / metrics["train_tokens_per_sec"].item()
     assert metrics["train_mfu"].item() == pytest.approx(throughput._flops / seconds / throughput.peak_flops)
     assert torch.isfinite(metrics["train_mfu"])
+
+
+def test_the_matmul_peak_is_measured_once_per_process_device_and_dtype():
+    """A notebook's second fit reads MFU against the first fit's peak (two timings never agree to the bit)."""
+    first = measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, seconds=0.01)
+    assert first > 0 and measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, seconds=0.01) == first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import lightning as L
@@ -188,11 +189,15 @@ def compute_dtype(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache
 def measure_matmul_peak(
     device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5
 ) -> float:
     """FLOP/s of a large square matrix multiply on `device` in `dtype`: the best of at least four runs, repeated
-    for about `seconds` (on a shared VM a few runs in a row can all be slowed, and the peak would read low)."""
+    for about `seconds` (on a shared VM a few runs in a row can all be slowed, and the peak would read low).
+
+    Measured once per process, device and dtype: a notebook's later fits read their MFU against the same peak
+    (comparable with the first) and do not spend the half second again."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
