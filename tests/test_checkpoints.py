@@ -195,6 +195,7 @@ def test_last_ckpt_holds_the_final_step_when_training_ends_between_two_periodic_
     assert "trained no step" in again.out + again.err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_saves_last_only_at_the_end_is_named_at_start(tmp_path, tiny_model_dir, capfd):
     only_at_end = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"save_last": True, "save_top_k": 0}}  # fmt: skip

@@ -50,6 +50,7 @@ print(bytes_mapped_for_a_tensor(), keep_freed_memory(), bytes_mapped_for_a_tenso
 """
 
 
+@pytest.mark.slow  # a python process of its own (10 s of imports)
 def test_keep_freed_memory_serves_large_tensors_from_the_heap():
     # A process of its own: the setting lasts for the rest of a process.
     result = subprocess.run([sys.executable, "-c", BEFORE_AND_AFTER], cwd=ROOT, capture_output=True, text=True)
