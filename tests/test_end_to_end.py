@@ -30,10 +30,8 @@ def test_builtin_model_converts_once_into_the_cache_with_the_gguf_logits(tmp_pat
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording_from_pretrained)
     converted_path = resolve_model_path(DEFAULT_MODEL)
-    monkeypatch.undo()
     assert converted_path == str(tmp_path / "smollm2-135m-instruct") and len(read_from_gguf) == 1
     # A second resolution reuses the cached folder instead of converting again.
-    monkeypatch.setenv("SMOLFACTORY_CACHE", str(tmp_path))
     monkeypatch.setattr(loading, "_convert_gguf", lambda *args: pytest.fail("converted twice"))
     assert resolve_model_path(DEFAULT_MODEL) == converted_path
 
