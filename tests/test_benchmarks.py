@@ -27,9 +27,8 @@ def benchmark_module(name: str) -> ModuleType:
 def test_batching_benchmark_runs_and_packed_examples_stay_apart(masked, tiny_model_dir):
     # As fit runs, on the real model (its loss is a trained model's); masked sdpa, on the tiny model (half a minute
     # less; what it checks is that the mask keeps the packed examples apart).
-    model = ["--model", tiny_model_dir] if masked else []
     command = [sys.executable, "benchmarks/batching.py", "--batches", "1", "--batch-size", "2", "--max-length", "128"]
-    command += ["--attn", "sdpa", *model, *(["--masked"] if masked else [])]
+    command += ["--attn", "sdpa", *(["--model", tiny_model_dir, "--masked"] if masked else [])]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     modes = re.findall(r"^\| (padded|grouped|packed) \| (\d+) \|", done.stdout, flags=re.MULTILINE)
